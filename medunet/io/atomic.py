@@ -1,0 +1,55 @@
+"""Write-to-temp-then-rename, so no file ever exists half-written under its final name."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+
+
+def _split_suffix(name: str) -> tuple[str, str]:
+    for ext in (".nii.gz", ".tar.gz"):
+        if name.endswith(ext):
+            return name[: -len(ext)], ext
+    stem, ext = os.path.splitext(name)
+    return stem, ext
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
+
+    The temporary name keeps the extension (``.nii.gz`` stays last) so writers that dispatch on it
+    work, and starts with ``.`` so globbing ``*.nii.gz`` never picks it up. On any error the temporary
+    file is removed and ``path`` is untouched.
+    """
+    final = Path(path)
+    if not overwrite and final.exists():
+        raise FileExistsError(f"{final}: exists (use --overwrite to replace it)")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    stem, ext = _split_suffix(final.name)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=final.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))

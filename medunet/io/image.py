@@ -1,0 +1,329 @@
+"""Reading NIfTI / DICOM / PNG-TIFF images with their exact geometry, and writing labels atomically.
+
+Every failure is an :class:`~medunet.io.errors.InputError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medunet.io.atomic import atomic_path
+from medunet.io.errors import InputError
+
+__all__ = [
+    "ImageData", "read_image", "read_nifti", "read_dicom_series", "read_2d_image", "write_nifti",
+    "write_like", "validate_affine", "is_nifti", "is_2d_image", "NIFTI_SUFFIXES", "IMAGE2D_SUFFIXES",
+    "image_id",
+]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+IMAGE2D_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+_GZIP_MAGIC = b"\x1f\x8b"
+_PNG_MAGIC = b"\x89PNG"
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_2d_image(path: str | os.PathLike) -> bool:
+    return str(path).lower().endswith(IMAGE2D_SUFFIXES)
+
+
+def image_id(path: str | os.PathLike) -> str:
+    """File name without its image extension (``case_01.nii.gz`` → ``case_01``)."""
+    name = Path(path).name
+    for ext in NIFTI_SUFFIXES + IMAGE2D_SUFFIXES:
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+@dataclass
+class ImageData:
+    """An image array with the geometry it came with.
+
+    Attributes:
+        array: voxel data, spatial axes first in NIfTI order ``(X, Y[, Z])``, optionally a trailing
+            channel axis for multi-channel images ``(X, Y, Z, C)``.
+        affine: 4×4 voxel-to-world (RAS mm) matrix.
+        path: where it was read from.
+        header: the NIfTI header (sform/qform codes kept) or ``None`` for DICOM/2D images.
+        source: ``"nifti"``, ``"dicom"`` or ``"2d"``.
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    path: str
+    header: nib.Nifti1Header | None = None
+    source: str = "nifti"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        return tuple(int(s) for s in self.array.shape[: self.spatial_dims])
+
+    @property
+    def spatial_dims(self) -> int:
+        return 2 if self.source == "2d" else min(self.array.ndim, 3)
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, : self.spatial_dims], axis=0))
+
+
+def validate_affine(affine: np.ndarray, path: str | os.PathLike, spatial_dims: int = 3) -> np.ndarray:
+    """Check a voxel-to-world matrix: finite, non-singular, positive spacing. Returns it as float64."""
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InputError(path, f"affine must be 4x4, got shape {affine.shape}")
+    if not np.all(np.isfinite(affine)):
+        raise InputError(path, "affine contains NaN or Inf (spacing or origin is not a number)")
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    if np.any(spacing[:spatial_dims] <= 1e-8):
+        raise InputError(path, f"zero voxel spacing {tuple(round(float(s), 6) for s in spacing)}")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-12 * max(float(np.prod(spacing)), 1e-30):
+        raise InputError(path, "singular affine (voxel axes are linearly dependent)")
+    return affine
+
+
+def _check_header_spacing(img: nib.Nifti1Image, path: Path) -> None:
+    zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    ndim = min(len(img.shape), 3)
+    if not np.all(np.isfinite(zooms[:ndim])):
+        raise InputError(path, f"voxel spacing (pixdim) is not a number: {tuple(zooms[:ndim].tolist())}")
+    if np.any(zooms[:ndim] <= 0):
+        raise InputError(path, f"zero or negative voxel spacing (pixdim) {tuple(zooms[:ndim].tolist())}")
+
+
+def read_nifti(path: str | os.PathLike, check_finite: bool = True, dtype=np.float32) -> ImageData:
+    """Read a NIfTI file; raise :class:`InputError` for corrupt, truncated or ill-formed files."""
+    path = Path(path)
+    _check_file(path)
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:4] == _PNG_MAGIC:
+        raise InputError(path, "is a PNG image, not NIfTI (wrong extension)")
+    if str(path).lower().endswith(".gz") and magic[:2] != _GZIP_MAGIC:
+        raise InputError(path, "named .gz but not gzip-compressed")
+    try:
+        img = nib.load(str(path))
+    except (gzip.BadGzipFile, zlib.error, EOFError) as e:
+        raise InputError(path, f"corrupt gzip stream ({e})") from None
+    except nib.filebasedimages.ImageFileError as e:
+        raise InputError(path, f"not a readable NIfTI file ({e})") from None
+    except Exception as e:  # nibabel raises many types for malformed headers
+        raise InputError(path, f"cannot read NIfTI header ({type(e).__name__}: {e})") from None
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
+    _check_header_spacing(img, path)
+    try:
+        array = np.asanyarray(img.dataobj)
+    except (gzip.BadGzipFile, zlib.error, EOFError) as e:
+        raise InputError(path, f"corrupt or truncated gzip data ({e})") from None
+    except Exception as e:
+        raise InputError(path, f"truncated or unreadable voxel data ({type(e).__name__}: {e})") from None
+    if array.ndim < 2:
+        raise InputError(path, f"has {array.ndim} dimension(s); an image needs at least 2")
+    if array.ndim > 3:
+        # Drop trailing singleton axes (e.g. X×Y×Z×1); anything else stays 4D for the caller to judge.
+        while array.ndim > 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+    if dtype is not None:
+        array = np.asarray(array, dtype=dtype)
+    if check_finite and np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise InputError(path, f"contains {bad} NaN/Inf voxel(s)")
+    affine = validate_affine(img.affine, path, spatial_dims=min(array.ndim, 3))
+    header = img.header.copy()
+    return ImageData(array=array, affine=affine, path=str(path), header=header, source="nifti")
+
+
+def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> ImageData:
+    """Read one DICOM series from a folder with SimpleITK (affine converted from LPS to RAS)."""
+    import SimpleITK as sitk
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "not a folder")
+    if not any(folder.iterdir()):
+        raise InputError(folder, "empty folder (no DICOM files)")
+    reader = sitk.ImageSeriesReader()
+    try:
+        series = reader.GetGDCMSeriesIDs(str(folder))
+    except RuntimeError as e:
+        raise InputError(folder, f"cannot scan for DICOM series ({e})") from None
+    if not series:
+        raise InputError(folder, "no DICOM series found in folder")
+    if len(series) > 1:
+        raise InputError(folder, f"holds {len(series)} DICOM series; give one series per folder")
+    files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
+    if len(files) < 2:
+        raise InputError(folder, f"DICOM series has {len(files)} slice(s); need a 3D series")
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
+    try:
+        img = reader.Execute()
+    except RuntimeError as e:
+        raise InputError(folder, f"unreadable DICOM series ({' '.join(str(e).split())[:200]})") from None
+    _check_dicom_slice_spacing(reader, files, folder)
+    array = sitk.GetArrayFromImage(img)  # (z, y, x)
+    array = np.ascontiguousarray(np.transpose(array, (2, 1, 0)))
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * np.asarray(img.GetSpacing(), dtype=np.float64)[None, :]
+    lps[:3, 3] = img.GetOrigin()
+    affine = validate_affine(_LPS_TO_RAS @ lps, folder)
+    return ImageData(array=array, affine=affine, path=str(folder), header=None, source="dicom",
+                     meta={"files": list(files)})
+
+
+def _check_dicom_slice_spacing(reader, files, folder: Path) -> None:
+    """A missing slice shows up as one gap twice the others along the slice normal."""
+    positions = []
+    for i in range(len(files)):
+        if reader.HasMetaDataKey(i, "0020|0032"):
+            try:
+                positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
+            except ValueError:
+                return
+    if len(positions) < 3:
+        return
+    p = np.asarray(positions)
+    steps = np.linalg.norm(np.diff(p, axis=0), axis=1)
+    median = float(np.median(steps))
+    if median <= 0:
+        raise InputError(folder, "DICOM slices share one position (duplicate slices)")
+    irregular = np.abs(steps - median) > 0.01 * median + 1e-4
+    if np.any(irregular):
+        where = int(np.argmax(irregular))
+        raise InputError(
+            folder,
+            f"irregular slice spacing: gap of {steps[where]:.3g} mm after slice {where + 1} "
+            f"(median {median:.3g} mm) — missing or duplicate slice",
+        )
+
+
+def read_2d_image(path: str | os.PathLike, dtype=np.float32) -> ImageData:
+    """Read a PNG/TIFF/JPEG image as a 2D (X, Y) array (RGB converted to gray), unit spacing."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    _check_file(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode not in ("L", "I", "I;16", "F"):
+                im = im.convert("L")
+            array = np.asarray(im)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise InputError(path, f"not a readable 2D image ({e})") from None
+    array = np.ascontiguousarray(array.T)  # PIL is (row, col) = (y, x); NIfTI order is (x, y)
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    return ImageData(array=array, affine=np.eye(4), path=str(path), header=None, source="2d")
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        if path.is_symlink():
+            raise InputError(path, "broken or looping symbolic link")
+        raise InputError(path, "no such file")
+    if path.is_dir():
+        raise InputError(path, "is a folder, expected a file")
+    if not os.access(path, os.R_OK):
+        raise InputError(path, "permission denied (file is not readable)")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise InputError(path, f"cannot stat file ({e.strerror})") from None
+    if size == 0:
+        raise InputError(path, "empty file (0 bytes)")
+
+
+def read_image(path: str | os.PathLike, check_finite: bool = True) -> ImageData:
+    """Read a NIfTI file, a DICOM series folder, or a 2D PNG/TIFF image."""
+    p = Path(path)
+    try:
+        if p.is_dir():
+            return read_dicom_series(p)
+        if is_nifti(p):
+            return read_nifti(p, check_finite=check_finite)
+        if is_2d_image(p):
+            return read_2d_image(p)
+    except OSError as e:
+        if e.errno == 40:  # ELOOP
+            raise InputError(p, "symbolic link loop") from None
+        raise InputError(p, f"cannot read ({e.strerror or e})") from None
+    _check_file(p)
+    raise InputError(p, "unknown image format (expected .nii, .nii.gz, a DICOM folder, .png or .tif)")
+
+
+def write_nifti(
+    array: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    header: nib.Nifti1Header | None = None,
+    dtype=np.uint8,
+    overwrite: bool = True,
+) -> Path:
+    """Write ``array`` as NIfTI atomically (temp file + rename).
+
+    With a reference ``header`` the output keeps its sform/qform codes and matrices exactly; the data
+    type, scaling and intent are reset for the new data.
+    """
+    array = np.asarray(array)
+    if dtype is not None:
+        array = array.astype(dtype, copy=False)
+    if header is not None:
+        hdr = header.copy()
+        hdr.set_data_dtype(array.dtype)
+        hdr.set_slope_inter(1.0, 0.0)
+        hdr.set_intent("none")
+        img = nib.Nifti1Image(array, None, header=hdr)
+        img.set_sform(header.get_sform(), code=int(header["sform_code"]))
+        img.set_qform(header.get_qform(), code=int(header["qform_code"]))
+        if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
+            img.set_sform(affine, code=1)
+            img.set_qform(affine, code=1)
+    else:
+        img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+        img.set_sform(affine, code=1)
+        img.set_qform(affine, code=1)
+    if not all(int(s) > 0 for s in array.shape):
+        raise ValueError(f"{path}: refusing to write an empty array {array.shape}")
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
+
+
+def write_like(array: np.ndarray, reference: ImageData, path: str | os.PathLike, dtype=np.uint8,
+               overwrite: bool = True) -> Path:
+    """Write ``array`` with the geometry of ``reference`` (shape must match its spatial shape)."""
+    spatial = tuple(array.shape[: reference.spatial_dims])
+    if spatial != reference.spatial_shape:
+        raise ValueError(f"{path}: array shape {array.shape} does not match reference {reference.spatial_shape}")
+    if reference.source == "2d":
+        return _write_2d(array, path, overwrite)
+    return write_nifti(array, reference.affine, path, header=reference.header, dtype=dtype, overwrite=overwrite)
+
+
+def _write_2d(array: np.ndarray, path: str | os.PathLike, overwrite: bool) -> Path:
+    from PIL import Image
+
+    if is_nifti(path):
+        return write_nifti(array, np.eye(4), path, dtype=np.uint8, overwrite=overwrite)
+    data = np.ascontiguousarray(np.asarray(array).T)
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        Image.fromarray(data.astype(np.uint8)).save(tmp, format="PNG" if str(path).lower().endswith(".png") else None)
+    return Path(path)

@@ -1,0 +1,33 @@
+"""Shared fixtures: small deterministic settings so the suite stays fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+HIPPOCAMPUS = SHARED / "data" / "hippocampus"
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return REPO_ROOT
+
+
+@pytest.fixture
+def hippocampus_dir() -> Path:
+    if not (HIPPOCAMPUS / "dataset.json").exists():
+        pytest.skip(f"real data not present at {HIPPOCAMPUS} (read-only shared dataset)")
+    return HIPPOCAMPUS
