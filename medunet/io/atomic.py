@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,20 +20,50 @@ def _split_suffix(name: str) -> tuple[str, str]:
     return stem, ext
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_orphans(folder: Path, stem: str, ext: str) -> None:
+    """Delete temp files for the same final name left by a writer that was killed (its PID is gone).
+
+    Temp names carry the writer's PID (``.<stem>.<pid>.<random>.tmp<ext>``), so a live concurrent
+    writer's file is never touched.
+    """
+    pattern = re.compile(rf"^\.{re.escape(stem)}\.(\d+)\.[A-Za-z0-9_]{{8}}{re.escape('.tmp' + ext)}$")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = pattern.match(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            with contextlib.suppress(OSError):
+                (folder / name).unlink()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
 
     The temporary name keeps the extension (``.nii.gz`` stays last) so writers that dispatch on it
     work, and starts with ``.`` so globbing ``*.nii.gz`` never picks it up. On any error the temporary
-    file is removed and ``path`` is untouched.
+    file is removed and ``path`` is untouched; temp files of a writer killed before it could clean up
+    (SIGKILL, power loss) are removed by the next write of the same path.
     """
     final = Path(path)
     if not overwrite and final.exists():
         raise FileExistsError(f"{final}: exists (use --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     stem, ext = _split_suffix(final.name)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{ext}", dir=final.parent)
+    _remove_orphans(final.parent, stem, ext)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.{os.getpid()}.", suffix=f".tmp{ext}", dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:

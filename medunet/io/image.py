@@ -104,6 +104,27 @@ def _check_header_spacing(img: nib.Nifti1Image, path: Path) -> None:
         raise InputError(path, f"zero or negative voxel spacing (pixdim) {tuple(zooms[:ndim].tolist())}")
 
 
+def memory_budget_bytes() -> int:
+    """Largest image (as float32) a reader may allocate: ``MEDUNET_MAX_IMAGE_GB`` or half the machine's RAM."""
+    env = os.environ.get("MEDUNET_MAX_IMAGE_GB")
+    if env:
+        return int(float(env) * 2**30)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+def _check_memory_budget(shape: tuple[int, ...], path: Path) -> None:
+    """Refuse, from the header alone, a volume whose float32 array would not fit the memory budget."""
+    nbytes = int(np.prod([int(s) for s in shape], dtype=np.float64)) * 4
+    budget = memory_budget_bytes()
+    if nbytes > budget:
+        dims = "x".join(str(int(s)) for s in shape)
+        raise InputError(path, f"volume too large: header claims {dims} voxels ({nbytes / 2**30:.1f} GiB as float32), "
+                               f"over the memory budget of {budget / 2**30:.1f} GiB (set MEDUNET_MAX_IMAGE_GB to raise it)")
+
+
 def read_nifti(path: str | os.PathLike, check_finite: bool = True, dtype=np.float32) -> ImageData:
     """Read a NIfTI file; raise :class:`InputError` for corrupt, truncated or ill-formed files."""
     path = Path(path)
@@ -125,6 +146,7 @@ def read_nifti(path: str | os.PathLike, check_finite: bool = True, dtype=np.floa
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
     _check_header_spacing(img, path)
+    _check_memory_budget(img.shape, path)
     try:
         array = np.asanyarray(img.dataobj)
     except (gzip.BadGzipFile, zlib.error, EOFError) as e:
