@@ -62,6 +62,138 @@ def _run_networks(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# medunet segment
+@command
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment", help="segment NIfTI files, folders of them, DICOM series or (2D models) PNG/TIFF images",
+        description="Predict label maps in each input's exact geometry (shape, affine, sform/qform). "
+                    "Writes OUT/<id>_seg.nii.gz (.png for PNG/TIFF inputs); exit status 0 all ok, 3 some "
+                    "failed, 1 all failed.",
+    )
+    p.add_argument("-i", "--input", required=True, nargs="+", metavar="IN",
+                   help="NIfTI file, folder of NIfTI/PNG/TIFF files, or a DICOM series folder")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--bundle", help="bundle folder (plan.json, models/model.pt)")
+    p.add_argument("--checkpoint", help="weights file (default: <bundle>/models/model.pt)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (2^dims passes)")
+    p.add_argument("--save-probabilities", action="store_true", help="also write <id>_probabilities.nii.gz")
+    p.add_argument("--uncertainty", nargs="?", const="auto", choices=["auto", "entropy", "variance"],
+                   help="also write <id>_uncertainty.nii.gz in [0, 1] (entropy; variance of TTA copies "
+                        "with --tta)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--largest-component", action="store_true",
+                   help="keep the largest connected component of each class")
+    p.add_argument("--overlap", type=float, default=0.25, help="window overlap, 0 to <1 (default 0.25)")
+    p.add_argument("--roi-size", type=int, nargs="+", help="window size in voxels (default: the plan's patch)")
+    p.add_argument("--sw-batch-size", type=int, default=1, help="windows per network call")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run_segment)
+
+
+def _run_segment(args: argparse.Namespace) -> int:
+    import warnings
+
+    from medunet.inference import Predictor, summary_table
+
+    if not args.bundle and not args.checkpoint:
+        print("medunet segment: error: give --bundle and/or --checkpoint", file=sys.stderr)
+        return EXIT_USAGE
+    roi = args.roi_size[0] if args.roi_size and len(args.roi_size) == 1 else args.roi_size
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        predictor = Predictor.from_bundle(
+            args.bundle, args.checkpoint, device=args.device, tta=args.tta, overlap=args.overlap, roi_size=roi,
+            sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
+            progress=not args.no_progress,
+        )
+    for w in caught:
+        print(f"medunet segment: warning: {w.message}", file=sys.stderr)
+    uncertainty = {"auto": True, None: False}.get(args.uncertainty, args.uncertainty)
+
+    def report(result) -> None:
+        if not result.ok:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"medunet segment: {result.status}: {result.message}", file=sys.stderr)
+
+    results = predictor.segment(args.input, args.output, overwrite=args.overwrite,
+                                save_probabilities=args.save_probabilities, uncertainty=uncertainty, report=report)
+    print(summary_table(results))
+    n_ok = sum(r.ok for r in results)
+    return batch_exit_code(n_ok, len(results) - n_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# medunet label-server
+@command
+def _add_label_server(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "label-server",
+        help="serve medunet bundles to 3D Slicer/OHIF annotators through a MONAI Label server",
+        description="Start a MONAI Label server (in the .venv-label environment, see `make label`) whose "
+                    "app serves each bundle as an infer task and a train task, on a studies folder of "
+                    "NIfTI volumes. Binds 127.0.0.1 unless --host says otherwise.")
+    p.add_argument("--studies", required=True, help="folder of NIfTI volumes (MONAI Label local datastore)")
+    p.add_argument("--bundle", action="append", default=None, metavar="DIR",
+                   help="bundle folder to serve (repeatable; default: every bundle under bundles/)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--checkpoint", action="append", default=None, metavar="[NAME=]FILE",
+                   help="trained weights for a bundle (repeatable; NAME= needed with several bundles); "
+                        "default: the bundle's models/model.pt, else random weights (untrained)")
+    p.add_argument("--workdir", default=None,
+                   help="app working dir (default ~/.cache/medunet/label-server/<studies>-<hash>)")
+    p.add_argument("--conf", nargs=2, action="append", default=None, metavar=("KEY", "VALUE"),
+                   help="extra MONAI Label app setting, e.g. --conf skip_trainers true")
+    p.add_argument("--label-python", default=None,
+                   help="Python of the MONAI Label environment (default .venv-label/bin/python)")
+    p.add_argument("--dry-run", action="store_true", help="prepare the app dir, print the command, exit")
+    p.set_defaults(func=_run_label_server)
+
+
+def _run_label_server(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from medunet.io import InputError
+    from medunet.label import launch
+
+    studies = Path(args.studies)
+    if not studies.is_dir():
+        raise InputError(studies, "studies folder not found (expected a folder of NIfTI volumes)")
+    if not (1 <= args.port <= 65535):
+        raise ValueError(f"--port {args.port}: not a TCP port")
+    bundles = launch.find_bundles(args.bundle)
+    names = [b.resolve().name for b in bundles]
+    checkpoints = launch.parse_checkpoints(args.checkpoint, names)
+    python = launch.find_label_python(args.label_python)
+    workdir = Path(args.workdir) if args.workdir else launch.default_workdir(studies)
+    setups = launch.prepare_app(workdir, bundles, checkpoints)
+    for s in setups:
+        origin = f" from {s.weights_from}" if s.weights_from else ""
+        print(f"medunet label-server: model {s.name!r} labels {s.labels} weights: {s.weights}{origin}")
+        if s.untrained:
+            print(f"medunet label-server: WARNING: {s.name!r} has no trained weights; its predictions come "
+                  "from an UNTRAINED model (random weights). Pass --checkpoint or train it first.",
+                  file=sys.stderr)
+    cmd = launch.server_command(python, workdir, studies, names, args.host, args.port, dict(args.conf or []))
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"medunet label-server: WARNING: binding {args.host}: the server has no authentication",
+              file=sys.stderr)
+    print(f"medunet label-server: app dir {workdir / 'app'}; server URL http://{args.host}:{args.port}/")
+    if args.dry_run:
+        print(shlex.join(cmd))
+        return EXIT_OK
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.chdir(workdir / "run")  # an empty working dir: MONAI Label reads settings from ./.env
+    os.execve(python, cmd, launch.server_env(workdir))
+    return EXIT_FAILURE  # pragma: no cover (execve does not return)
+
+
+# --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from medunet import __version__
 

@@ -1,0 +1,23 @@
+"""Inference: tiled (sliding-window / overlap-tile) prediction, TTA, uncertainty, postprocessing, and the
+:class:`Predictor` behind ``medunet segment``."""
+
+from medunet.inference.geometry import PlanGrid, resample_grid
+from medunet.inference.postprocess import keep_largest_component
+from medunet.inference.predictor import (
+    Prediction,
+    Predictor,
+    SegmentResult,
+    collect_inputs,
+    output_paths,
+    resolve_device,
+    resolve_plan,
+    summary_table,
+)
+from medunet.inference.sliding import TiledInferer, build_inferer, mirror_pad
+from medunet.inference.tta import entropy_map, mirror_combinations, predict_probabilities
+
+__all__ = [
+    "build_inferer", "TiledInferer", "mirror_pad", "Predictor", "Prediction", "SegmentResult",
+    "collect_inputs", "output_paths", "resolve_device", "resolve_plan", "summary_table", "PlanGrid",
+    "resample_grid", "keep_largest_component", "entropy_map", "mirror_combinations", "predict_probabilities",
+]

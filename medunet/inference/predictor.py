@@ -1,0 +1,444 @@
+"""Segment images with a trained network: exactly training's preprocessing, tiled inference, optional
+mirroring TTA and uncertainty, and the result mapped back onto the input's exact voxel grid.
+
+Pipeline for one image (``Predictor.predict_image``):
+
+1. channels first ``(C, *S)``;
+2. reorient to ``plan.orientation`` and resample to ``plan.target_spacing`` (one linear resampling on
+   the compute device, the grid of MONAI's ``Orientation`` + ``Spacing``);
+3. ``medunet.data.normalize_intensity(x, plan.normalization)``;
+4. tiled inference (:class:`~medunet.inference.sliding.TiledInferer`), softmax, optional TTA;
+5. probabilities resampled linearly back to the input grid, then argmax → uint8 label;
+6. optional largest-connected-component cleaning per class.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medunet.data.plan import Plan, normalize_intensity
+from medunet.inference.geometry import PlanGrid
+from medunet.inference.postprocess import keep_largest_component
+from medunet.inference.sliding import build_inferer
+from medunet.inference.tta import UNCERTAINTY_KINDS, entropy_map, predict_probabilities
+from medunet.io import (
+    IMAGE2D_SUFFIXES,
+    ImageData,
+    InputError,
+    image_id,
+    is_2d_image,
+    is_nifti,
+    load_checkpoint,
+    load_weights,
+    read_image,
+    write_like,
+    write_nifti,
+)
+
+__all__ = [
+    "Predictor", "Prediction", "SegmentResult", "collect_inputs", "resolve_plan", "summary_table",
+    "resolve_device", "output_paths", "nonzero_box",
+]
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"``/None → CUDA when available, else CPU; anything else as given (checked)."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available (use --device cpu or auto)")
+    return dev
+
+
+@dataclass
+class Prediction:
+    """A prediction in the input image's exact geometry.
+
+    Attributes:
+        label: uint8 label map, shape ``image.spatial_shape``.
+        image: the input (its affine/header are the output's geometry).
+        probabilities: float32 ``(K, *spatial_shape)`` softmax probabilities, or None.
+        uncertainty: float32 ``spatial_shape`` map in [0, 1] (normalised entropy or TTA variance), or None.
+        seconds: wall time of the prediction.
+        stats: tiling details (windows computed/reused, tile sizes, plan-space shape).
+    """
+
+    label: np.ndarray
+    image: ImageData
+    probabilities: np.ndarray | None = None
+    uncertainty: np.ndarray | None = None
+    seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class SegmentResult:
+    """Outcome of one input of :meth:`Predictor.segment`."""
+
+    input: str
+    status: str  # "ok", "failed" or "skipped" (outputs exist)
+    outputs: list[str] = field(default_factory=list)
+    shape: tuple[int, ...] | None = None
+    seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class Predictor:
+    """Segment images with a network and the plan it was trained with.
+
+    Args:
+        network: a medunet network (weights loaded), ``(B, C, *S) -> (B, K, *S')``.
+        plan: the :class:`~medunet.data.Plan` used for training (orientation, spacing, normalisation).
+        device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
+        tta: average over all mirrored copies (8 in 3D, 4 in 2D), as nnU-Net does.
+        roi_size: input window (voxels); default ``plan.patch_size``.
+        overlap: window overlap for 'same' networks (MONAI's bundles use 0.5; 0.25 costs ~2× less
+            and agrees with it to >0.99 Dice in our benchmark).
+        mode: window blending, ``"gaussian"`` or ``"constant"``.
+        sw_batch_size: windows per network call.
+        largest_component: keep only the largest connected component of each class.
+        uncertainty: ``None``, ``"entropy"`` (normalised entropy of the mean probabilities) or
+            ``"variance"`` (TTA variance; needs ``tta``).
+        progress: tqdm bars over files and windows.
+
+    Example:
+        >>> predictor = Predictor.from_bundle("bundles/ct")
+        >>> pred = predictor.predict_file("case_001.nii.gz")
+        >>> pred.label.shape == pred.image.spatial_shape
+        True
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        plan: Plan,
+        device: str | torch.device = "auto",
+        tta: bool = False,
+        roi_size: Sequence[int] | int | None = None,
+        overlap: float = 0.25,
+        mode: str = "gaussian",
+        sw_batch_size: int = 1,
+        largest_component: bool = False,
+        uncertainty: str | None = None,
+        progress: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        if uncertainty is not None and uncertainty not in UNCERTAINTY_KINDS:
+            raise ValueError(f"uncertainty must be None or one of {UNCERTAINTY_KINDS}, got {uncertainty!r}")
+        if uncertainty == "variance" and not tta:
+            raise ValueError("uncertainty='variance' is the spread over TTA copies: it needs tta=True")
+        self.plan = plan
+        self.device = resolve_device(device)
+        self.network = network.to(self.device).eval()
+        self.tta = tta
+        self.largest_component = largest_component
+        self.uncertainty = uncertainty
+        self.progress = progress
+        self.inferer = build_inferer(self.network, plan, roi_size=roi_size, overlap=overlap, mode=mode,
+                                     sw_batch_size=sw_batch_size, device=self.device, progress=progress,
+                                     channels_last=channels_last)
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | os.PathLike | None, checkpoint: str | os.PathLike | None = None,
+                    device: str | torch.device = "auto", **kwargs) -> Predictor:
+        """Network, plan and weights from a bundle folder and/or a checkpoint.
+
+        The checkpoint defaults to ``<bundle>/models/model.pt``. The plan comes from the checkpoint's
+        ``"plan"`` entry, else ``plan.json`` beside the checkpoint, else ``<bundle>/plan.json``.
+        Without any checkpoint a warning says the network is untrained.
+        """
+        bundle = Path(bundle_dir) if bundle_dir is not None else None
+        if bundle is not None and not bundle.is_dir():
+            raise InputError(bundle, "bundle folder not found")
+        ckpt = Path(checkpoint) if checkpoint is not None else None
+        if ckpt is None and bundle is not None and (bundle / "models" / "model.pt").is_file():
+            ckpt = bundle / "models" / "model.pt"
+        if ckpt is None and bundle is None:
+            raise ValueError("give a bundle folder or a checkpoint")
+        plan = resolve_plan(bundle, ckpt)
+        network = plan.build_network()
+        if ckpt is not None:
+            load_weights(network, ckpt)
+        else:
+            warnings.warn(
+                f"{bundle}: no checkpoint (models/model.pt missing and none given): predictions come from an "
+                "UNTRAINED network", UserWarning, stacklevel=2,
+            )
+        return cls(network, plan, device=device, **kwargs)
+
+    # -- one image ---------------------------------------------------------------------------------
+    def predict_file(self, path: str | os.PathLike) -> Prediction:
+        """Read (NIfTI, DICOM series folder, PNG/TIFF) and predict."""
+        return self.predict_image(read_image(path))
+
+    def predict_image(self, image: ImageData) -> Prediction:
+        """Predict one image; the label has the image's exact spatial shape and geometry."""
+        start = time.perf_counter()
+        x = self._to_channels_first(image)
+        with torch.inference_mode():
+            probs, unc = self._predict_array(x, image.affine)
+            label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+        if self.largest_component:
+            label = keep_largest_component(label, range(1, self.plan.out_channels))
+        out_shape = image.spatial_shape
+        return Prediction(
+            label=label.reshape(out_shape), image=image,
+            probabilities=probs.cpu().numpy().reshape((probs.shape[0], *out_shape)),
+            uncertainty=unc.cpu().numpy().reshape(out_shape) if unc is not None else None,
+            seconds=time.perf_counter() - start, stats=dict(self.inferer.last_stats),
+        )
+
+    def _to_channels_first(self, image: ImageData) -> torch.Tensor:
+        """``(C, *S)`` float32 tensor of an image (a trailing channel axis moved first)."""
+        arr = np.asarray(image.array, dtype=np.float32)
+        spatial = image.spatial_dims
+        if arr.ndim == spatial:
+            arr = arr[None]
+        elif arr.ndim == spatial + 1:
+            arr = np.moveaxis(arr, -1, 0)
+        else:
+            raise InputError(image.path, f"unexpected array shape {arr.shape}")
+        if arr.shape[0] != self.plan.in_channels:
+            raise InputError(image.path, f"has {arr.shape[0]} channel(s) but the model expects {self.plan.in_channels}")
+        if spatial == 2 and self.plan.spatial_dims == 3:
+            raise InputError(image.path, f"is a 2D image {image.spatial_shape} but the model is 3D")
+        if min(arr.shape[1:]) < 1:
+            raise InputError(image.path, f"empty image {image.spatial_shape}")
+        return torch.from_numpy(np.ascontiguousarray(arr))
+
+    def _target_spacing(self, spatial_dims: int) -> list[float] | None:
+        """The plan's spacing for an image; a 2D plan keeps a volume's slice spacing (as training does)."""
+        spacing = self.plan.target_spacing
+        if spacing is None:
+            return None
+        spacing = [float(s) for s in spacing]
+        if self.plan.spatial_dims == 2 and spatial_dims == 3:
+            spacing = spacing[:2] + [0.0]
+        return spacing[:spatial_dims]
+
+    def _predict_array(self, x: torch.Tensor, affine: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(C, *S)`` → probabilities ``(K, *S)`` and uncertainty ``(*S)``/None, in the input grid.
+
+        Preprocessing is training's (``medunet.data.transforms``): crop to the nonzero region, reorient,
+        resample, normalise. Outside the cropped region the prediction is background with certainty.
+        """
+        x = x.to(self.device)
+        d = x.dim() - 1
+        box = nonzero_box(x)
+        crop_affine = np.array(affine, dtype=np.float64, copy=True)
+        crop_affine[:3, 3] = affine[:3, 3] + affine[:3, :d] @ np.array([b.start for b in box], dtype=np.float64)
+        xc = x[(slice(None), *box)]
+        grid = PlanGrid.for_image(crop_affine, tuple(xc.shape[1:]), self.plan.orientation,
+                                  self._target_spacing(d))
+        xp = normalize_intensity(grid.to_plan(xc, "bilinear"), self.plan.normalization)
+        slicewise = self.plan.spatial_dims == 2 and d == 3
+        probs, variance = predict_probabilities(
+            self._slicewise_logits if slicewise else self._logits, xp.unsqueeze(0), tta=self.tta,
+            mirror_axes=(0, 1) if slicewise else None, with_variance=self.uncertainty == "variance",
+        )
+        k = probs.shape[1]
+        stack = probs[0] if variance is None else torch.cat([probs[0], variance], dim=0)
+        back = grid.from_plan(stack, "bilinear")
+        full = torch.zeros((back.shape[0], *x.shape[1:]), dtype=back.dtype, device=back.device)
+        full[0] = 1.0  # background outside the cropped region
+        full[(slice(None), *box)] = back
+        probs = full[:k]
+        if self.uncertainty == "entropy":
+            unc = entropy_map(probs, dim=0)
+        elif self.uncertainty == "variance":
+            unc = full[k]
+        else:
+            unc = None
+        self.inferer.last_stats["plan_shape"] = grid.plan_shape
+        return probs, unc
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inferer(x, self.network)
+
+    def _slicewise_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """A 2D network over a volume ``(B, C, X, Y, Z)``, one axial slice at a time."""
+        return torch.stack([self.inferer(x[..., z], self.network) for z in range(x.shape[-1])], dim=-1)
+
+    # -- batches -------------------------------------------------------------------------------------
+    def segment(
+        self,
+        inputs: str | os.PathLike | Iterable[str | os.PathLike],
+        out_dir: str | os.PathLike,
+        overwrite: bool = False,
+        save_probabilities: bool = False,
+        uncertainty: bool | str = False,
+        report: Callable[[SegmentResult], None] | None = None,
+    ) -> list[SegmentResult]:
+        """Segment a file, a folder of images, a DICOM series folder, or a list of those.
+
+        Writes ``<out_dir>/<id>_seg.nii.gz`` (uint8 label, input geometry; ``.png`` for PNG/TIFF
+        inputs), with ``save_probabilities`` ``<id>_probabilities.nii.gz`` (float32, X×Y×Z×K) and with
+        ``uncertainty`` ``<id>_uncertainty.nii.gz`` (float32 in [0, 1]). Every file is written
+        atomically. A failing input is recorded and the next one processed; existing outputs are kept
+        (status ``"skipped"``) unless ``overwrite``. ``report`` is called with each result as it comes.
+        """
+        kind = None
+        if uncertainty:
+            kind = uncertainty if isinstance(uncertainty, str) else ("variance" if self.tta else "entropy")
+            if kind not in UNCERTAINTY_KINDS or (kind == "variance" and not self.tta):
+                raise ValueError(f"uncertainty {uncertainty!r}: use 'entropy', or 'variance' with TTA")
+        previous = self.uncertainty
+        self.uncertainty = kind
+        out_dir = Path(out_dir)
+        results: list[SegmentResult] = []
+        try:
+            paths = collect_inputs(inputs)
+        except InputError as e:
+            result = SegmentResult(input=str(e.path), status="failed", message=str(e))
+            if report:
+                report(result)
+            return [result]
+        claimed: dict[Path, str] = {}
+        iterator = paths
+        if self.progress and len(paths) > 1:
+            from tqdm.auto import tqdm
+
+            iterator = tqdm(paths, desc="files", unit="file")
+        try:
+            for path in iterator:
+                result = self._segment_one(path, out_dir, overwrite, save_probabilities, kind is not None, claimed)
+                results.append(result)
+                if report:
+                    report(result)
+        finally:
+            self.uncertainty = previous
+        return results
+
+    def _segment_one(self, path: Path, out_dir: Path, overwrite: bool, save_probabilities: bool,
+                     save_uncertainty: bool, claimed: dict[Path, str]) -> SegmentResult:
+        start = time.perf_counter()
+        outs = output_paths(path, out_dir, save_probabilities, save_uncertainty)
+        clash = next((claimed[p] for p in outs.values() if p in claimed), None)
+        if clash is not None:
+            return SegmentResult(str(path), "failed", message=f"{path}: output name {outs['label'].name} "
+                                 f"collides with that of {clash}; rename one of them")
+        for p in outs.values():
+            claimed[p] = str(path)
+        existing = [p for p in outs.values() if p.exists()]
+        if existing and not overwrite:
+            return SegmentResult(str(path), "skipped", message=f"{existing[0]}: exists (use --overwrite to replace it)")
+        try:
+            image = read_image(path)
+            pred = self.predict_image(image)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_like(pred.label, image, outs["label"], dtype=np.uint8)
+            if "probabilities" in outs:
+                write_nifti(np.moveaxis(pred.probabilities, 0, -1), image.affine, outs["probabilities"],
+                            header=image.header, dtype=np.float32)
+            if "uncertainty" in outs:
+                write_nifti(pred.uncertainty, image.affine, outs["uncertainty"], header=image.header,
+                            dtype=np.float32)
+        except InputError as e:
+            return SegmentResult(str(path), "failed", seconds=time.perf_counter() - start, message=str(e))
+        except (ValueError, RuntimeError, OSError, MemoryError) as e:
+            msg = " ".join(str(e).split()) or type(e).__name__
+            return SegmentResult(str(path), "failed", seconds=time.perf_counter() - start, message=f"{path}: {msg}")
+        return SegmentResult(str(path), "ok", outputs=[str(p) for p in outs.values()], shape=image.spatial_shape,
+                             seconds=time.perf_counter() - start)
+
+
+def nonzero_box(x: torch.Tensor) -> tuple[slice, ...]:
+    """Bounding box of voxels nonzero in any channel of ``x`` (C, *S) — the crop of training's
+    ``CropForegroundd(select_fn=nonzero_region)``; the whole image when everything is zero."""
+    mask = (x != 0).any(dim=0)
+    if not bool(mask.any()):
+        return tuple(slice(0, s) for s in mask.shape)
+    box = []
+    for axis in range(mask.dim()):
+        other = tuple(a for a in range(mask.dim()) if a != axis)
+        hits = torch.nonzero(mask.any(dim=other) if other else mask).flatten()
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
+
+
+def output_paths(path: str | os.PathLike, out_dir: str | os.PathLike, probabilities: bool = False,
+                 uncertainty: bool = False) -> dict[str, Path]:
+    """Where :meth:`Predictor.segment` writes the outputs for ``path``."""
+    out_dir = Path(out_dir)
+    case = image_id(path)
+    label_ext = ".png" if is_2d_image(path) else ".nii.gz"
+    outs = {"label": out_dir / f"{case}_seg{label_ext}"}
+    if probabilities:
+        outs["probabilities"] = out_dir / f"{case}_probabilities.nii.gz"
+    if uncertainty:
+        outs["uncertainty"] = out_dir / f"{case}_uncertainty.nii.gz"
+    return outs
+
+
+def collect_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand inputs into image paths: files as given; a folder into its NIfTI/PNG/TIFF files (sorted),
+    else its sub-folders (one DICOM series each), else the folder itself (one DICOM series)."""
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    paths: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if not p.exists():
+            raise InputError(p, "no such file or folder")
+        if not p.is_dir():
+            paths.append(p)
+            continue
+        entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
+        images = [e for e in entries if e.is_file() and (is_nifti(e) or e.name.lower().endswith(IMAGE2D_SUFFIXES))]
+        if images:
+            paths.extend(images)
+            continue
+        subdirs = [e for e in entries if e.is_dir()]
+        files = [e for e in entries if e.is_file()]
+        if subdirs and not files:
+            paths.extend(subdirs)
+        else:
+            paths.append(p)
+    return paths
+
+
+def resolve_plan(bundle: Path | None, checkpoint: Path | None) -> Plan:
+    """The plan a checkpoint was trained with (see :meth:`Predictor.from_bundle` for the order)."""
+    if checkpoint is not None:
+        ckpt = load_checkpoint(checkpoint)
+        if isinstance(ckpt.get("plan"), dict):
+            try:
+                return Plan.from_dict(ckpt["plan"])
+            except (TypeError, ValueError) as e:
+                raise InputError(checkpoint, f"invalid 'plan' entry ({e})") from None
+        beside = checkpoint.parent / "plan.json"
+        if beside.is_file():
+            return Plan.load(beside)
+    if bundle is not None:
+        for candidate in (bundle / "plan.json", bundle / "configs" / "plan.json"):
+            if candidate.is_file():
+                return Plan.load(candidate)
+    where = bundle if bundle is not None else checkpoint
+    raise InputError(where, "no plan found (checkpoint 'plan' entry, plan.json beside it, or <bundle>/plan.json)")
+
+
+def summary_table(results: Sequence[SegmentResult]) -> str:
+    """A plain-text table: file, shape, seconds, status (and the reason for failures)."""
+    rows = [("file", "shape", "time (s)", "status")]
+    for r in results:
+        shape = "x".join(str(s) for s in r.shape) if r.shape else "-"
+        status = r.status if r.ok else f"{r.status}: {r.message}"
+        rows.append((Path(r.input).name or r.input, shape, f"{r.seconds:.2f}", status))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows]
+    n_ok = sum(r.ok for r in results)
+    lines.append(f"{n_ok}/{len(results)} succeeded")
+    return "\n".join(lines)
