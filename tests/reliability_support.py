@@ -14,16 +14,16 @@ import resource
 import signal
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from hostile import is_root
+
 REPO = Path(__file__).resolve().parents[1]
-NOBODY_UID = 65534
 
 __all__ = [
     "CliResult", "run_cli", "run_subprocess", "medunet_argv", "temp_files", "assert_nothing_partial",
-    "world_readable_tmpdir", "can_drop_privileges", "error_lines", "traceback_in",
+    "is_root", "permissions_enforceable", "error_lines", "traceback_in",
 ]
 
 
@@ -74,41 +74,50 @@ def medunet_argv(*args: str) -> list[str]:
     return [sys.executable, "-c", "import sys; from medunet.cli import main; sys.exit(main())", *args]
 
 
-def _preexec(user: int | None, fsize: int | None):
+_PR_CAPBSET_DROP, _CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH = 24, 1, 2
+
+
+def _drop_dac_capabilities() -> None:
+    """Make root obey permission bits in this process's children (drop two capabilities on exec)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
+
+
+def _preexec(enforce_permissions: bool, fsize: int | None):
     def fn() -> None:
         if fsize is not None:
             # Writes past the limit fail with EFBIG instead of killing the process with SIGXFSZ.
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
-        if user is not None:
-            os.setgroups([])
-            os.setgid(user)
-            os.setuid(user)
+        if enforce_permissions and is_root():
+            _drop_dac_capabilities()
     return fn
 
 
-def run_subprocess(argv: list[str], *, cwd: Path | None = None, env: dict | None = None, user: int | None = None,
-                   fsize: int | None = None, timeout: float = 300) -> CliResult:
-    """Run a command, optionally as another user (needs root) and with a file-size limit (a full disk)."""
+def permissions_enforceable() -> bool:
+    """Whether a child process will obey permission bits (non-root, or root able to drop capabilities)."""
+    if not is_root():
+        return True
+    r = subprocess.run([sys.executable, "-c", "pass"], preexec_fn=_preexec(True, None), capture_output=True)
+    return r.returncode == 0
+
+
+def run_subprocess(argv: list[str], *, cwd: Path | None = None, env: dict | None = None,
+                   enforce_permissions: bool = False, fsize: int | None = None, timeout: float = 300) -> CliResult:
+    """Run a command; ``enforce_permissions`` makes even root obey mode bits (chmod 000 / 0555 bite);
+    ``fsize`` limits the size of any file it writes (a full disk, without needing root)."""
     full_env = dict(os.environ)
     full_env.update({"PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
     full_env.pop("MEDUNET_DEBUG", None)
     if env:
         full_env.update(env)
     proc = subprocess.run(argv, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
-                          preexec_fn=_preexec(user, fsize))
+                          preexec_fn=_preexec(enforce_permissions, fsize))
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
-
-
-def can_drop_privileges() -> bool:
-    return hasattr(os, "geteuid") and os.geteuid() == 0
-
-
-def world_readable_tmpdir(prefix: str = "medunet-rel-") -> Path:
-    """A temp folder ``nobody`` can enter (pytest's tmp_path is 0700 under root's name)."""
-    d = Path(tempfile.mkdtemp(prefix=prefix))
-    os.chmod(d, 0o755)
-    return d
 
 
 def temp_files(folder: Path) -> list[Path]:

@@ -8,6 +8,8 @@ and nothing is left half-written.
 
 from __future__ import annotations
 
+import sys
+
 import hostile
 import numpy as np
 import pytest
@@ -85,3 +87,17 @@ def test_malicious_pickle_is_really_malicious(tmp_path):
 
 def test_at_least_25_distinct_cases():
     assert len(hostile.CASES) >= 25, sorted(hostile.CASES)
+
+
+def test_unreadable_file_with_permissions_enforced(tmp_path):
+    """chmod 000: as root the test drops CAP_DAC_OVERRIDE in a child so the bits bite as for a user."""
+    from reliability_support import permissions_enforceable, run_subprocess
+
+    if not permissions_enforceable():
+        pytest.skip("root without CAP_SETPCAP: cannot make permission bits bite")
+    case = _make("unreadable_file", tmp_path)
+    code = ("import sys\nfrom medunet.io import read_image, InputError\n"
+            "try:\n    read_image(sys.argv[1])\nexcept InputError as e:\n    print(e)\n    sys.exit(1)\n")
+    res = run_subprocess([sys.executable, "-c", code, str(case.path)], enforce_permissions=True)
+    assert res.code == 1, (res.stdout, res.stderr)
+    assert case.matches(res.stdout.strip()), res.stdout

@@ -7,6 +7,7 @@ weights are found under ``"model"`` (or ``"network"``/``"state_dict"``) or at th
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import zipfile
@@ -23,9 +24,16 @@ _MODEL_KEYS = ("model", "network", "state_dict", "net")
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> Path:
-    """Save ``obj`` (tensors, numbers, strings, nested dicts/lists only) atomically."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """Save ``obj`` (tensors, numbers, strings, nested dicts/lists only) atomically.
+
+    The archive is built in memory and written with plain file writes, so a full disk, a file-size
+    limit or a read-only folder surfaces as an ``OSError`` with its errno (``torch.save`` writing to a
+    path turns those into an opaque ``RuntimeError`` from its C++ writer).
+    """
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(buffer.getbuffer())
     return Path(path)
 
 

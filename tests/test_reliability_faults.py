@@ -1,0 +1,183 @@
+"""Faults: SIGKILL while writing or training, a full disk, a read-only output folder, unsafe pickles.
+
+Every fault runs in a real subprocess (the thing that gets killed or limited); the test process only
+inspects what is left on disk. Outputs lost must be 0: every output finished before the fault is still
+there and readable, nothing exists half-written under a final name, and a rerun completes the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from reliability_support import (
+    REPO,
+    assert_nothing_partial,
+    is_root,
+    permissions_enforceable,
+    run_subprocess,
+    temp_files,
+)
+
+# A batch writer that behaves like `medunet segment`: skip finished outputs, write each atomically.
+_WRITER = textwrap.dedent("""
+    import sys, numpy as np
+    from pathlib import Path
+    from medunet.io import write_nifti, save_checkpoint
+    out, n, what = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    for i in range(n):
+        final = out / (f"case_{i:03d}.nii.gz" if what == "nifti" else f"ckpt_{i:03d}.pt")
+        if final.exists():
+            continue
+        data = np.random.default_rng(i).normal(size=(128, 128, 64)).astype(np.float32)
+        print("start", i, flush=True)
+        try:
+            if what == "nifti":
+                write_nifti(data, np.eye(4), final, dtype=np.float32)
+            else:
+                import torch
+                save_checkpoint({"model": {"w": torch.from_numpy(data)}, "epoch": i}, final)
+        except OSError as e:
+            print(f"{final}: error: {e.strerror or e}", file=sys.stderr, flush=True)
+            sys.exit(1)
+        print("done", i, flush=True)
+""")
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def _writer_cmd(out: Path, n: int, what: str) -> list[str]:
+    return [sys.executable, "-c", _WRITER, str(out), str(n), what]
+
+
+@pytest.mark.parametrize("what", ["nifti", "checkpoint"])
+def test_sigkill_while_writing_loses_nothing(what, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(_writer_cmd(out, 4, what), stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        killed_mid_write = False
+        for line in proc.stdout:
+            if line.strip() == "start 2":
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline and not temp_files(out):
+                    time.sleep(0.001)
+                killed_mid_write = bool(temp_files(out))
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    assert killed_mid_write, "the kill did not land while a file was being written"
+    ext = ".nii.gz" if what == "nifti" else ".pt"
+    finished = [out / f"{'case' if what == 'nifti' else 'ckpt'}_{i:03d}{ext}" for i in range(4)]
+    # no half-written file under a final name: 0 and 1 complete, 2 (being written) and 3 absent
+    assert finished[0].exists() and finished[1].exists()
+    assert not finished[2].exists() and not finished[3].exists()
+    kept = {p: _sha(p) for p in finished[:2]}
+    _check_loads(finished[:2], what)
+    # rerun: completes the batch, keeps the finished outputs byte for byte, leaves no temp file
+    rerun = subprocess.run(_writer_cmd(out, 4, what), capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "start 0" not in rerun.stdout and "start 1" not in rerun.stdout
+    assert all(_sha(p) == h for p, h in kept.items())
+    assert_nothing_partial(out, expected=finished if what == "nifti" else [])
+    _check_loads(finished, what)
+
+
+def _check_loads(paths, what):
+    for p in paths:
+        if what == "checkpoint":
+            obj = torch.load(p, weights_only=True)
+            assert obj["model"]["w"].shape == (128, 128, 64)
+        else:
+            import nibabel as nib
+
+            assert nib.load(str(p)).get_fdata().shape == (128, 128, 64)
+
+
+@pytest.mark.parametrize("what", ["nifti", "checkpoint"])
+def test_disk_full_clear_error_nothing_partial(what, tmp_path):
+    """RLIMIT_FSIZE makes every write past 256 KiB fail (EFBIG), as a full disk would (ENOSPC)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    res = run_subprocess(_writer_cmd(out, 2, what), fsize=256 * 1024)
+    assert res.code == 1, (res.code, res.stderr)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    assert "too large" in lines[0].lower() and ("case_000" in lines[0] or "ckpt_000" in lines[0]), lines[0]
+    assert list(out.iterdir()) == [], f"left behind: {list(out.iterdir())}"
+
+
+def test_real_full_tmpfs_enospc(tmp_path):
+    """The same with a genuinely full filesystem (a 512 KiB tmpfs); needs root with CAP_SYS_ADMIN."""
+    if not is_root() or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root; the RLIMIT_FSIZE variant covers a full disk")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        res = run_subprocess(_writer_cmd(mnt, 2, "nifti"))
+        assert res.code == 1 and "Traceback" not in res.stderr, res.stderr
+        assert "no space" in res.stderr.lower() and "case_000" in res.stderr, res.stderr
+        assert list(mnt.iterdir()) == [], f"left behind on the full disk: {list(mnt.iterdir())}"
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("what", ["nifti", "checkpoint"])
+def test_read_only_output_folder(what, tmp_path):
+    """Writing into a folder the user may not write: clear error naming the file, nothing written."""
+    if not permissions_enforceable():
+        pytest.skip("running as root without CAP_SETPCAP: permission bits cannot be made to bite")
+    out = tmp_path / "ro"
+    out.mkdir()
+    os.chmod(out, 0o555)
+    try:
+        res = run_subprocess(_writer_cmd(out, 2, what), enforce_permissions=True)
+    finally:
+        os.chmod(out, 0o755)
+    assert res.code == 1, (res.code, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert "permission denied" in res.stderr.lower() and ("case_000" in res.stderr or "ckpt_000" in res.stderr)
+    assert list(out.iterdir()) == []
+
+
+def test_checkpoints_written_by_medunet_load_weights_only(tmp_path):
+    """save_checkpoint output (model, optimizer, scheduler, counters) loads with weights_only=True."""
+    from medunet import networks
+    from medunet.io import load_weights, save_checkpoint
+
+    net = networks.create("unet", 3, 1, 3, **networks.get_spec("unet").tiny_options)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    x = torch.randn(1, 1, 16, 16, 16)
+    net(x).mean().backward()
+    opt.step()
+    sched.step()
+    path = save_checkpoint({"model": net.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": 3, "rng": torch.get_rng_state()},
+                           tmp_path / "ckpt.pt")
+    obj = torch.load(path, weights_only=True)
+    assert obj["epoch"] == 3 and "state" in obj["optimizer"]
+    other = networks.create("unet", 3, 1, 3, **networks.get_spec("unet").tiny_options)
+    load_weights(other, path)
+    for a, b in zip(net.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    assert np.isfinite(obj["optimizer"]["param_groups"][0]["lr"])
