@@ -1,0 +1,34 @@
+"""Engines: Ignite/MONAI trainers and evaluators as used by the bundles, with the handlers medunet adds
+(atomic checkpoints with automatic resume, early stopping, per-epoch seeding, history + training curve,
+MLflow tracking) and the helpers bundle configs call (locate the bundle, generate phantoms when there is
+no dataset, resolve the plan, split the datalist)."""
+
+from medunet.engines.builders import Progress, segmentation_postprocessing
+from medunet.engines.handlers import (
+    CheckpointManager,
+    EpochSeeder,
+    HistoryLogger,
+    is_rank0,
+    plot_history,
+    unwrap,
+)
+from medunet.engines.losses import CroppedLoss, WeightMapLoss, build_loss, center_crop_to, dice_ce_loss
+from medunet.engines.tracking import MLflowTracker, default_tracking_uri, flatten_params
+from medunet.engines.workflow import (
+    PHANTOM_KINDS,
+    list_images,
+    locate_bundle,
+    prepare_batch_with_weights,
+    prepare_dataset,
+    resolve_plan,
+    split_datalist,
+    trained_plan_file,
+)
+
+__all__ = [
+    "CheckpointManager", "EpochSeeder", "HistoryLogger", "MLflowTracker", "Progress", "is_rank0", "unwrap",
+    "plot_history", "CroppedLoss", "WeightMapLoss", "build_loss", "center_crop_to", "dice_ce_loss",
+    "default_tracking_uri", "flatten_params", "segmentation_postprocessing", "locate_bundle",
+    "prepare_dataset", "resolve_plan", "trained_plan_file", "split_datalist", "list_images",
+    "prepare_batch_with_weights", "PHANTOM_KINDS",
+]

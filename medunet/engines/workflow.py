@@ -1,0 +1,153 @@
+"""What a bundle config calls before building engines: find the bundle, make sure there is data, decide
+the plan, split the datalist, and prepare batches.
+
+Configs stay declarative; each step here is a plain function that tests can call directly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from medunet.data.plan import Plan
+from medunet.engines.handlers import is_rank0
+
+__all__ = [
+    "locate_bundle", "prepare_dataset", "resolve_plan", "trained_plan_file", "split_datalist",
+    "prepare_batch_with_weights", "list_images", "PHANTOM_KINDS",
+]
+
+logger = logging.getLogger("medunet.engines")
+
+#: bundle name → phantom kind generated when ``dataset_dir`` does not exist
+PHANTOM_KINDS = {"ct": "ct", "mri": "mri", "cells2d": "cells"}
+
+
+def locate_bundle(name: str) -> str:
+    """The folder of bundle ``name`` when the config does not set ``bundle_root``.
+
+    MONAI bundle configs cannot see their own path, so this looks, in order, at: the current directory
+    when it is that bundle (``configs/metadata.json`` whose ``name`` is ``name``: the zoo's "run from the
+    bundle folder" habit), ``./bundles/<name>`` (running from a medunet clone, as in
+    ``python -m monai.bundle run training --config_file bundles/ct/train.json``), and the ``bundles/``
+    folder of the clone medunet is installed from. Override with ``--bundle_root DIR`` otherwise.
+    """
+    cwd = Path.cwd()
+    meta = cwd / "configs" / "metadata.json"
+    if meta.is_file():
+        try:
+            if json.loads(meta.read_text()).get("name") == name:
+                return str(cwd)
+        except json.JSONDecodeError:
+            pass
+    for candidate in (cwd / "bundles" / name, Path(__file__).resolve().parents[2] / "bundles" / name):
+        if (candidate / "configs" / "metadata.json").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"bundle {name!r} not found from {cwd}; pass --bundle_root /path/to/bundles/{name}")
+
+
+def prepare_dataset(dataset_dir: str | os.PathLike, kind: str, cases: int = 12, size: str = "small",
+                    seed: int = 0) -> str:
+    """Return ``dataset_dir``; when it does not exist, generate ``cases`` phantoms of ``kind`` there first.
+
+    Only rank 0 generates; other ranks wait at a barrier under ``torch.distributed``.
+    """
+    path = Path(dataset_dir)
+    if not path.exists():
+        if is_rank0():
+            from medunet.data.phantoms import generate_dataset
+
+            msg = f"dataset_dir {path} does not exist: generating {cases} {kind} phantoms there (size {size!r})"
+            logger.warning(msg)
+            print(msg, flush=True)
+            generate_dataset(kind, path, cases=int(cases), seed=int(seed), size=size)
+        _barrier()
+    elif not path.is_dir():
+        raise NotADirectoryError(f"{path}: dataset_dir is not a folder")
+    return str(path)
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def resolve_plan(plan_file: str | os.PathLike, dataset_dir: str | os.PathLike | None = None,
+                 output_dir: str | os.PathLike | None = None, replan: bool = False,
+                 overrides: dict | None = None) -> Plan:
+    """The plan a run uses, written to ``output_dir/plan.json``.
+
+    ``replan`` (or a missing ``plan_file``) plans from ``dataset_dir`` with
+    :func:`medunet.data.planning.plan_dataset`; otherwise ``plan_file`` is read. ``overrides`` replace
+    top-level plan fields (e.g. ``{"patch_size": [32, 32, 32]}``); a ``network`` override is merged
+    into the plan's network options.
+    """
+    plan_path = Path(plan_file) if plan_file else None
+    if replan or plan_path is None or not plan_path.exists():
+        if dataset_dir is None:
+            raise ValueError("resolve_plan: no plan file and no dataset to plan from")
+        from medunet.data.planning import plan_dataset
+
+        why = "replan requested" if replan else f"no plan file at {plan_path}"
+        logger.info("planning from %s (%s)", dataset_dir, why)
+        plan = plan_dataset(dataset_dir)
+    else:
+        plan = Plan.load(plan_path)
+    if overrides:
+        data = plan.to_dict()
+        for key, value in dict(overrides).items():
+            if key == "network" and isinstance(value, dict) and value.get("name", data["network"]["name"]) == \
+                    data["network"]["name"]:
+                data["network"] = {**data["network"], **value}
+            else:
+                data[key] = value
+        plan = Plan.from_dict(data)
+    if output_dir is not None and is_rank0():
+        plan.save(Path(output_dir) / "plan.json")
+    return plan
+
+
+def trained_plan_file(ckpt_dir: str | os.PathLike, default: str | os.PathLike) -> str:
+    """``ckpt_dir/plan.json`` (the plan the shipped ``model.pt`` was trained with) if present, else ``default``."""
+    trained = Path(ckpt_dir) / "plan.json"
+    return str(trained if trained.exists() else default)
+
+
+def split_datalist(dataset_dir: str | os.PathLike, n_folds: int = 5, fold: int = 0, seed: int = 0) -> dict:
+    """``{"train": [...], "val": [...]}`` of ``{"image", "label"}`` dicts: fold ``fold`` of a seeded k-fold
+    split of the dataset's training cases (MSD layout or a datalist JSON)."""
+    from medunet.data.datalist import kfold_split, load_datalist
+
+    items = load_datalist(dataset_dir)
+    if len(items) < 2:
+        raise ValueError(f"{dataset_dir}: need at least 2 labelled cases to hold one out for validation")
+    n_folds = max(2, min(int(n_folds), len(items)))
+    train, val = kfold_split(items, n_folds, int(fold), seed=int(seed))
+    return {"train": list(train), "val": list(val)}
+
+
+def list_images(input_dir: str | os.PathLike) -> list[dict]:
+    """``[{"image": path}, ...]`` for every image (NIfTI, PNG/TIFF) directly in ``input_dir``, sorted."""
+    from medunet.io import is_2d_image, is_nifti
+
+    folder = Path(input_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: input folder not found")
+    return [{"image": str(p)} for p in sorted(folder.iterdir()) if p.is_file() and (is_nifti(p) or is_2d_image(p))]
+
+
+def prepare_batch_with_weights(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
+    """MONAI ``prepare_batch`` for the seed's recipe: ``(image, cat([label, weight], dim=1))``.
+
+    The loss (:class:`medunet.engines.losses.WeightMapLoss`) splits the target again; batches without a
+    ``"weight"`` entry pass the label alone.
+    """
+    image = batchdata["image"].to(device=device, non_blocking=non_blocking, **kwargs)
+    label = batchdata["label"]
+    if "weight" in batchdata:
+        label = torch.cat([torch.as_tensor(label), torch.as_tensor(batchdata["weight"]).to(label.dtype)], dim=1)
+    return image, label.to(device=device, non_blocking=non_blocking, **kwargs)
