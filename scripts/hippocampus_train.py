@@ -1,0 +1,266 @@
+#!/usr/bin/env python
+"""Plan, train, evaluate and report on MSD Hippocampus (or any small-crop MSD dataset) within a time budget.
+
+    python scripts/hippocampus_train.py --data-dir ../shared/data/hippocampus --output-dir runs/hippo
+
+Steps:
+1. plan with :func:`medunet.data.planning.plan_dataset` (spacing, normalisation, labels), then apply
+   the recipe's network/patch/batch (``--network-options``, ``--patch``, ``--batch``);
+2. preprocess every case once (the inference pipeline's ``val_transforms``) and keep it in memory;
+   hold out every ``--val-every``-th case (numeric order) for validation;
+3. train with :func:`medunet.engines.recipes.train_recipe` (bf16 autocast, Dice+CE with deep
+   supervision, AdamW/SGD with poly LR over the time budget), validating every ``--eval-interval`` s;
+4. evaluate the FINAL weights (no checkpoint picking on the validation split) with mirroring TTA:
+   per-class Dice and HD95, and write the report (``report/``), the Dice-vs-time curve
+   (``curve.png``, ``history.csv``) and ``results.md``;
+5. save ``models/model.pt`` (raw state_dict) with ``models/plan.json`` beside it — what
+   ``medunet segment --bundle bundles/mri --checkpoint OUTPUT/models/model.pt`` loads.
+
+The last line printed is ``checkpoint=PATH``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "hippocampus"
+
+#: the recipe's network on top of the planner's layout (deep supervision on the two coarser decoder levels)
+DEFAULT_NETWORK_OPTIONS = {"deep_supervision": True, "deep_supr_num": 2}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="MSD-layout dataset folder (read-only)")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--time-budget", type=float, default=1500.0, help="training wall seconds (incl. periodic eval)")
+    p.add_argument("--max-iterations", type=int, default=None)
+    p.add_argument("--eval-interval", type=float, default=120.0, help="seconds between validation points (0: end only)")
+    p.add_argument("--patch", type=int, nargs="+", default=None, help="training patch (default: the planner's)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default: the planner's)")
+    p.add_argument("--network-options", default=None,
+                   help="JSON merged into the plan's network options, e.g. '{\"filters\": [16,32,64,128]}'")
+    p.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--weight-decay", type=float, default=3e-5)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--no-bf16", action="store_true", help="train in float32")
+    p.add_argument("--augment", choices=("full", "flips", "none"), default="full")
+    p.add_argument("--val-every", type=int, default=5, help="every n-th case is held out")
+    p.add_argument("--cases", type=int, default=None, help="use only the first N cases (smoke tests)")
+    p.add_argument("--no-tta", action="store_true", help="final evaluation without mirroring TTA")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def build_plan(args, log):
+    from medunet.data.planning import plan_dataset
+
+    plan = plan_dataset(args.data_dir)
+    network = dict(plan.network)
+    network.update(DEFAULT_NETWORK_OPTIONS)
+    if args.network_options:
+        network.update(json.loads(args.network_options))
+    plan.network = network
+    if args.patch:
+        plan.patch_size = [int(v) for v in args.patch]
+    if args.batch:
+        plan.batch_size = int(args.batch)
+    net = plan.build_network()
+    plan.patch_size = list(net.valid_input_shape(plan.patch_size, mode="up"))
+    log(f"plan: {plan.network} patch={plan.patch_size} batch={plan.batch_size} "
+        f"spacing={plan.target_spacing} norm={plan.normalization}")
+    return plan
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from medunet.data.cached import AugmentConfig, PatchSampler, cache_cases, every_nth_split
+    from medunet.data.datalist import load_datalist
+    from medunet.engines.recipes import (
+        DeepSupervisionDiceCE,
+        RecipeConfig,
+        evaluate_cases,
+        summarize_rows,
+        train_recipe,
+    )
+    from medunet.io import atomic_write_text, save_checkpoint
+    from medunet.networks import count_parameters
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        lines.append(msg)
+
+    t_start, cpu_start = time.perf_counter(), time.process_time()
+    log(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
+        f"{torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
+    plan = build_plan(args, log)
+
+    items = load_datalist(args.data_dir)
+    if args.cases:
+        items = items[: args.cases]
+    train_items, val_items = every_nth_split(items, args.val_every)
+    failures: list[str] = []
+    on_error = lambda e: (failures.append(str(e)), log(f"skipped: {e}"))  # noqa: E731
+    train_cases = cache_cases(train_items, plan, on_error=on_error)
+    val_cases = cache_cases(val_items, plan, on_error=on_error)
+    if not train_cases or not val_cases:
+        raise SystemExit(f"{args.data_dir}: need readable training and validation cases "
+                         f"(got {len(train_cases)} / {len(val_cases)})")
+    t_prep = time.perf_counter() - t_start
+    log(f"cached {len(train_cases)} training + {len(val_cases)} validation cases in {t_prep:.1f}s")
+
+    augment = {"full": AugmentConfig(), "flips": AugmentConfig.none(), "none": AugmentConfig.none()}[args.augment]
+    if args.augment == "flips":
+        augment.mirror_axes = tuple(range(plan.spatial_dims))
+    sampler = PatchSampler(train_cases, plan.patch_size, plan.batch_size, augment=augment, seed=args.seed)
+    torch.manual_seed(args.seed)
+    network = plan.build_network()
+    log(f"network: {plan.network['name']} {count_parameters(network) / 1e6:.2f}M parameters")
+    config = RecipeConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
+                          warmup_iterations=args.warmup, max_iterations=args.max_iterations,
+                          time_budget_s=args.time_budget, eval_interval_s=args.eval_interval,
+                          bf16=not args.no_bf16, seed=args.seed)
+    n_classes = plan.out_channels
+
+    def periodic_eval(net) -> dict:
+        summary = summarize_rows(evaluate_cases(net, val_cases, n_classes, bf16=config.bf16))
+        names = plan.label_names
+        return {"dice": summary["mean_dice"],
+                **{f"dice_{names[c]}": m["dice"] for c, m in summary["classes"].items()}}
+
+    history = train_recipe(network, sampler, DeepSupervisionDiceCE(), config, evaluate=periodic_eval, log=log)
+    t_train = history[-1]["elapsed_s"]
+
+    # final weights, evaluated with TTA; no selection on the validation split
+    t_eval0 = time.perf_counter()
+    rows = evaluate_cases(network, val_cases, n_classes, tta=not args.no_tta, bf16=False,
+                          metrics=("dice", "hd95"), keep_predictions=True)
+    final = summarize_rows(rows)
+    t_eval = time.perf_counter() - t_eval0
+
+    models = out / "models"
+    ckpt = save_checkpoint(network.state_dict(), models / "model.pt")
+    plan.save(models / "plan.json")
+    plan.save(out / "plan.json")
+
+    write_outputs(out, plan, history, rows, final, val_cases, args, config, {
+        "prep_s": t_prep, "train_s": t_train, "eval_s": t_eval,
+        "total_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - cpu_start,
+        "iterations": history[-1]["iteration"], "n_train": len(train_cases), "n_val": len(val_cases),
+        "skipped": failures, "load_avg_end": os.getloadavg()[0],
+    }, log)
+    atomic_write_text(out / "log.txt", "\n".join(lines) + "\n")
+    print(f"checkpoint={ckpt}")
+    return 0
+
+
+def write_outputs(out, plan, history, rows, final, val_cases, args, config, timing, log) -> None:
+    """history.csv/json, curve.png, report/ (metrics.csv, summary.json, overlays), results.md/json."""
+    from medunet.io import atomic_write_bytes, atomic_write_text
+    from medunet.metrics.report import representative_slice, write_report
+
+    names = plan.label_names
+    fg = [c for c in sorted(names) if c != 0]
+    # report rows in the metrics package's format
+    report_rows, slices = [], {}
+    by_id = {c.case_id: c for c in val_cases}
+    for row in rows:
+        r = {"case": row["case"], "mean_dice": row["mean_dice"]}
+        for c, m in row["metrics"].items():
+            for k, v in m.items():
+                r[f"{k}_{names[c]}"] = v
+        report_rows.append(r)
+        case = by_id[row["case"]]
+        img, lab, prd = case.image[0].numpy(), case.label[0].numpy(), row["pred"].numpy()
+        z = representative_slice(lab, prd)
+        slices[row["case"]] = (img[..., z], lab[..., z], prd[..., z], z)
+    summary = write_report(report_rows, names, out / "report", slices=slices, n_overlays=2)
+
+    keys = ["iteration", "elapsed_s", "train_s", "cpu_s", "loss", "lr", "dice"] + [f"dice_{names[c]}" for c in fg]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    for h in history:
+        writer.writerow({k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in h.items()})
+    atomic_write_text(out / "history.csv", buf.getvalue())
+    atomic_write_bytes(out / "curve.png", curve_png(history, [f"dice_{names[c]}" for c in fg], final))
+
+    results = {
+        "final": {"mean_dice": final["mean_dice"],
+                  **{names[c]: final["classes"][c] for c in fg}},
+        "timing": timing, "plan_network": plan.network, "patch_size": plan.patch_size,
+        "batch_size": plan.batch_size, "recipe": config.to_dict(), "tta": not args.no_tta,
+        "augment": args.augment, "data_dir": str(args.data_dir), "history": history,
+        "command": " ".join([sys.executable, *sys.argv]),
+        "host": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}",
+        "report": summary.get("files", []),
+    }
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float) + "\n")
+    table = results_table(final, names, timing)
+    atomic_write_text(out / "results.md", table)
+    log(table.rstrip())
+
+
+def results_table(final: dict, names: dict, timing: dict) -> str:
+    fg = [c for c in sorted(names) if c != 0]
+    head = "| class | Dice | HD95 (mm) |\n|---|---|---|\n"
+    body = "".join(f"| {names[c]} | {final['classes'][c]['dice']:.4f} | {final['classes'][c]['hd95']:.2f} |\n"
+                   for c in fg)
+    hd = [final["classes"][c]["hd95"] for c in fg]
+    body += f"| **mean** | **{final['mean_dice']:.4f}** | {np.nanmean(hd):.2f} |\n"
+    foot = (f"\n{timing['n_train']} training / {timing['n_val']} validation cases; "
+            f"{timing['iterations']} iterations; training {timing['train_s'] / 60:.1f} min wall, "
+            f"whole command {timing['total_s'] / 60:.1f} min wall, {timing['cpu_s'] / 60:.1f} min CPU.\n")
+    return head + body + foot
+
+
+def curve_png(history: list[dict], class_keys: list[str], final: dict) -> bytes:
+    """Validation Dice (mean and per class) against training wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    minutes = [h["elapsed_s"] / 60 for h in history]
+    ax.plot(minutes, [h.get("dice", math.nan) for h in history], "o-", label="mean Dice (no TTA)")
+    for key in class_keys:
+        ax.plot(minutes, [h.get(key, math.nan) for h in history], ".--", label=key.replace("dice_", ""))
+    if minutes:
+        ax.plot([minutes[-1]], [final["mean_dice"]], "k*", markersize=12, label=f"final + TTA {final['mean_dice']:.3f}")
+    ax.axhline(0.89, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("training wall time (min)")
+    ax.set_ylabel("validation Dice")
+    ax.set_ylim(max(0.0, min([h.get("dice", 1.0) for h in history if math.isfinite(h.get("dice", math.nan))] + [0.8]) - 0.05), 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
