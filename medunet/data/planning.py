@@ -1,0 +1,481 @@
+"""Dataset fingerprint and nnU-Net-style experiment planning.
+
+:func:`fingerprint_dataset` collects per-case spacing and shape (in the RAS-reoriented frame, from the
+image headers) and foreground intensity statistics (voxels sampled inside the labels).
+:func:`plan_dataset` turns a fingerprint into a :class:`~medunet.data.plan.Plan`: target spacing, median
+resampled shape, normalisation scheme, network topology (kernels/strides per axis via
+:func:`medunet.networks.dynunet_layout`), patch size and batch size fitted to a memory budget — and, on
+CPU, to a compute budget so that a training step stays feasible without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medunet.data.datalist import dataset_labels, dataset_modalities, find_dataset_items, read_dataset_json
+from medunet.data.plan import Plan
+from medunet.io import InputError, is_nifti, read_image
+
+__all__ = [
+    "fingerprint_dataset", "plan_dataset", "estimate_memory_mb", "estimate_gflops",
+    "target_spacing", "BUDGETS", "format_plan",
+]
+
+log = logging.getLogger(__name__)
+
+#: default budgets: GPU like nnU-Net's ~8 GB reference; CPU small enough that one training step of a
+#: 3D network takes seconds, not minutes, on a few cores
+BUDGETS = {
+    "gpu": {"memory_mb": 8000.0, "gflops": None, "base_filters": 32, "max_filters_3d": 320, "max_filters_2d": 512},
+    "cpu": {"memory_mb": 2000.0, "gflops": 40.0, "base_filters": 16, "max_filters_3d": 256, "max_filters_2d": 256},
+}
+_SAMPLES_PER_CASE = 10_000
+_ANISOTROPY = 3.0
+_MAX_BATCH_FRACTION = 0.05  # a batch never covers more than 5 % of the dataset's voxels (nnU-Net)
+
+
+# --------------------------------------------------------------------------------------------------
+# the dataset
+def _dataset(path: str | os.PathLike) -> tuple[list[dict], dict]:
+    """Training items (any layout :func:`medunet.data.datalist.find_dataset_items` reads) and
+    ``{"modality": {"0": name}, "labels": {name: value} | None}`` from ``dataset.json`` when present."""
+    path = Path(path)
+    items = find_dataset_items(path, "training")
+    meta: dict = {"modality": {"0": "unknown"}, "labels": None}
+    json_path = path if path.is_file() else path / "dataset.json"
+    if json_path.is_file():
+        raw = read_dataset_json(json_path)
+        modalities = dataset_modalities(raw)
+        if modalities:
+            meta["modality"] = {str(k): v for k, v in sorted(modalities.items())}
+        if "labels" in raw:
+            meta["labels"] = dataset_labels(raw, json_path)
+    return items, meta
+
+
+# --------------------------------------------------------------------------------------------------
+# fingerprint
+def _ras_geometry(shape: Sequence[int], affine: np.ndarray, spatial_dims: int) -> tuple[list[int], list[float]]:
+    """Shape and spacing permuted to the RAS-reoriented axis order (what ``Orientationd("RAS")`` gives)."""
+    shape = [int(s) for s in shape[:spatial_dims]]
+    spacing = [float(s) for s in np.linalg.norm(np.asarray(affine)[:3, :spatial_dims], axis=0)]
+    if spatial_dims == 2:
+        return shape, spacing
+    ornt = nib.orientations.io_orientation(np.asarray(affine))
+    out_shape, out_spacing = [0] * 3, [0.0] * 3
+    for vox_axis, (world_axis, _) in enumerate(ornt[:3]):
+        out_shape[int(world_axis)] = shape[vox_axis]
+        out_spacing[int(world_axis)] = spacing[vox_axis]
+    return out_shape, out_spacing
+
+
+def _header_geometry(path: str) -> tuple[list[int], np.ndarray, int] | None:
+    """Shape, affine, spatial dims from a NIfTI header (no voxel data); None for other formats."""
+    if not is_nifti(path):
+        return None
+    try:
+        img = nib.load(path)
+    except Exception as e:  # nibabel raises many kinds of errors on damaged files
+        raise InputError(path, f"unreadable NIfTI header ({e})") from None
+    shape = list(img.shape)
+    dims = 3 if len(shape) >= 3 and shape[2] > 1 else 2
+    return shape, img.affine, dims
+
+
+def _case_fingerprint(item: dict, rng_seed: int, samples: int, read_voxels: bool) -> dict:
+    files = [str(f) for f in (item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]])]
+    label_path = str(item.get("label") or "")
+    case: dict = {"image": files[0]}
+    geo = _header_geometry(files[0])
+    if geo is not None and not read_voxels:
+        shape, affine, dims = geo
+        case["shape"], case["spacing"] = _ras_geometry(shape, affine, dims)
+        return case
+    images = [read_image(f) for f in files]
+    dims = images[0].spatial_dims
+    spatial = images[0].array.shape[:dims]
+    case["shape"], case["spacing"] = _ras_geometry(spatial, images[0].affine, dims)
+    channels = []
+    for im in images:
+        if im.array.shape[:dims] != spatial:
+            raise InputError(im.path, f"channel shape {im.array.shape} does not match {files[0]} {spatial}")
+        channels += [im.array] if im.array.ndim == dims else [im.array[..., c] for c in range(im.array.shape[-1])]
+    mask = None
+    if label_path:
+        label = read_image(label_path).array
+        if label.shape[:dims] != spatial or label.size != int(np.prod(spatial)):
+            raise InputError(label_path, f"label shape {label.shape} does not match image shape {spatial}")
+        label = label.reshape(spatial)
+        mask = label > 0
+        values, counts = np.unique(np.rint(label).astype(np.int64), return_counts=True)
+        case["label_voxels"] = {str(int(v)): int(c) for v, c in zip(values, counts)}
+    rng = np.random.default_rng(rng_seed)
+    case["foreground_samples"] = []
+    nonzero = np.zeros(spatial, dtype=bool)
+    for ch in channels:
+        nonzero |= ch != 0
+        fg = ch[mask] if mask is not None and mask.any() else ch.reshape(-1)
+        take = min(samples, fg.size)
+        case["foreground_samples"].append(rng.choice(fg, size=take, replace=False) if take else fg[:0])
+    # how much of the image the nonzero bounding box covers (nnU-Net's cue for nonzero-masked z-score)
+    if nonzero.any():
+        extent = [int(i.max() - i.min() + 1) for i in np.nonzero(nonzero)]
+        case["nonzero_fraction"] = float(np.prod(extent) / nonzero.size)
+    else:
+        case["nonzero_fraction"] = 1.0
+    return case
+
+
+def _stats(values: np.ndarray) -> dict:
+    if values.size == 0:
+        return {"mean": 0.0, "std": 1.0, "median": 0.0, "min": 0.0, "max": 0.0,
+                "percentile_00_5": 0.0, "percentile_99_5": 0.0, "samples": 0}
+    v = values.astype(np.float64)
+    p005, p50, p995 = np.percentile(v, [0.5, 50.0, 99.5])
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(p50), "min": float(v.min()),
+            "max": float(v.max()), "percentile_00_5": float(p005), "percentile_99_5": float(p995),
+            "samples": int(v.size)}
+
+
+def fingerprint_dataset(
+    dataset_dir_or_items: str | os.PathLike | Sequence[dict],
+    samples_per_case: int = _SAMPLES_PER_CASE,
+    intensity_cases: int | None = None,
+    num_threads: int = 2,
+    seed: int = 0,
+) -> dict:
+    """Per-case geometry and foreground intensity statistics of a dataset.
+
+    Args:
+        dataset_dir_or_items: an MSD folder (``dataset.json``) or a list of ``{"image", "label"}``.
+        samples_per_case: foreground voxels sampled per case and channel for the intensity statistics.
+        intensity_cases: read voxels of at most this many cases (evenly spread); the others contribute
+            geometry from their headers only. ``None`` reads all.
+        num_threads: cases read in parallel (gzip decompression releases the GIL).
+        seed: sampling seed (the fingerprint is deterministic for a seed).
+
+    Returns:
+        ``{"n_cases", "cases": [{"image", "shape", "spacing"}…] (RAS frame), "spacing_median",
+        "shape_median", "intensity": [per channel: mean, std, median, min, max, percentile_00_5,
+        percentile_99_5, samples], "nonzero_fraction_median", "label_voxels", "modality", "labels",
+        "failed": ["path: reason", …], "seconds"}``. Unreadable cases are listed in ``failed`` and skipped.
+    """
+    start = time.perf_counter()
+    meta: dict = {"modality": {"0": "unknown"}, "labels": None}
+    if isinstance(dataset_dir_or_items, (str, os.PathLike)):
+        items, meta = _dataset(dataset_dir_or_items)
+    else:
+        items = [dict(i) for i in dataset_dir_or_items]
+    if not items:
+        raise ValueError(f"{dataset_dir_or_items}: no training cases to fingerprint")
+    n = len(items)
+    chosen = set(range(n)) if intensity_cases is None or intensity_cases >= n else set(
+        np.linspace(0, n - 1, max(int(intensity_cases), 1)).round().astype(int).tolist())
+
+    def work(i: int):
+        try:
+            return _case_fingerprint(items[i], seed + i, samples_per_case, i in chosen)
+        except InputError as e:
+            return e
+        except (OSError, ValueError) as e:
+            image = items[i]["image"]
+            return InputError(image[0] if isinstance(image, (list, tuple)) else image, str(e))
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        results = list(pool.map(work, range(n)))
+    cases = [r for r in results if isinstance(r, dict)]
+    failed = [str(r) for r in results if not isinstance(r, dict)]
+    if not cases:
+        raise ValueError(f"{dataset_dir_or_items}: no readable cases ({failed[0] if failed else 'empty'})")
+    dims = {len(c["shape"]) for c in cases}
+    if len(dims) > 1:
+        raise ValueError(f"{dataset_dir_or_items}: cases mix 2D and 3D images")
+    spacings = np.array([c["spacing"] for c in cases])
+    shapes = np.array([c["shape"] for c in cases])
+    sampled = [c for c in cases if "foreground_samples" in c]
+    n_channels = max((len(c["foreground_samples"]) for c in sampled), default=1)
+    intensity = [_stats(np.concatenate([c["foreground_samples"][ch] for c in sampled
+                                        if len(c["foreground_samples"]) > ch] or [np.zeros(0)]))
+                 for ch in range(n_channels)]
+    label_voxels: dict[str, int] = {}
+    for c in sampled:
+        for k, v in c.get("label_voxels", {}).items():
+            label_voxels[k] = label_voxels.get(k, 0) + v
+    return {
+        "n_cases": len(cases),
+        "cases": [{"image": c["image"], "shape": c["shape"], "spacing": c["spacing"]} for c in cases],
+        "spacing_median": np.median(spacings, axis=0).tolist(),
+        "shape_median": np.median(shapes, axis=0).tolist(),
+        "intensity": intensity,
+        "in_channels": n_channels,
+        "nonzero_fraction_median": float(np.median([c["nonzero_fraction"] for c in sampled])) if sampled else 1.0,
+        "label_voxels": dict(sorted(label_voxels.items(), key=lambda kv: int(kv[0]))),
+        "intensity_cases": len(sampled),
+        "modality": meta["modality"],
+        "labels": meta["labels"],
+        "failed": failed,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# planning
+def target_spacing(spacings: np.ndarray, anisotropy: float = _ANISOTROPY) -> list[float]:
+    """Median spacing per axis; for strongly anisotropic data (max/min > ``anisotropy``) the
+    low-resolution axis takes its 10th percentile (never finer than the coarsest other axis), so
+    thick-slice cases are not interpolated into many invented slices (nnU-Net's rule)."""
+    spacings = np.asarray(spacings, dtype=np.float64)
+    target = np.median(spacings, axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(len(target)) if a != worst]
+    if others and target[worst] / max(target.min(), 1e-8) > anisotropy:
+        p10 = float(np.percentile(spacings[:, worst], 10))
+        target[worst] = max(p10, float(max(target[a] for a in others)))
+    return [round(float(s), 6) for s in target]
+
+
+def _levels(patch: Sequence[int], strides: Sequence[Sequence[int]]) -> list[list[int]]:
+    sizes, out = [int(p) for p in patch], []
+    for s in strides:
+        sizes = [max(1, sz // st) for sz, st in zip(sizes, s)]
+        out.append(sizes)
+    return out
+
+
+def estimate_memory_mb(patch: Sequence[int], strides: Sequence[Sequence[int]], filters: Sequence[int],
+                       in_channels: int = 1, out_channels: int = 2, batch_size: int = 1) -> float:
+    """Training-step memory of a U-Net (DynUNet-like) on ``patch``: activations kept for backward.
+
+    Per level with ``F`` filters over ``v`` voxels: encoder 2 convs × (conv, norm, activation) and the
+    decoder the same plus the transposed conv and the concatenation → about 16·F·v floats, plus input
+    and output. Parameters/optimizer state are small next to activations and ignored.
+    """
+    floats = sum(16.0 * f * math.prod(v) for f, v in zip(filters, _levels(patch, strides)))
+    floats += (in_channels + 3 * out_channels) * math.prod(int(p) for p in patch)
+    return batch_size * floats * 4 / 1024**2
+
+
+def estimate_gflops(patch: Sequence[int], strides: Sequence[Sequence[int]], filters: Sequence[int],
+                    kernel_size: Sequence[Sequence[int]], in_channels: int = 1, batch_size: int = 1) -> float:
+    """Forward + backward GFLOP of one training step (≈ 3 × the forward multiply-adds × 2)."""
+    macs, prev = 0.0, in_channels
+    for f, v, k in zip(filters, _levels(patch, strides), kernel_size):
+        kvol = math.prod(int(x) for x in k)
+        enc = math.prod(v) * kvol * (prev * f + f * f)
+        dec = math.prod(v) * kvol * (2 * f * f + f * f)  # conv on the concatenation, then one more
+        macs += enc + dec
+        prev = f
+    return batch_size * 3 * 2 * macs / 1e9
+
+
+def _filters(n_levels: int, base: int, maximum: int) -> list[int]:
+    return [min(base * 2**i, maximum) for i in range(n_levels)]
+
+
+def _fit_layout(patch: list[int], spacing: list[float], cap: list[int], dims: int, base: int, maximum: int):
+    """Kernels/strides for ``patch``; patch rounded up to the network's divisibility (≤ ``cap``)."""
+    from medunet.networks import dynunet_layout
+
+    for _ in range(8):
+        kernels, strides = dynunet_layout(dims, patch, spacing, max_levels=7 if dims == 2 else 6)
+        div = [math.prod(s[a] for s in strides) for a in range(dims)]
+        rounded = []
+        for p, d, c in zip(patch, div, cap):
+            up = int(math.ceil(p / d)) * d
+            rounded.append(up if up <= c else max((c // d) * d, d))
+        if rounded == patch:
+            break
+        patch = rounded
+    return patch, kernels, strides, div, _filters(len(strides), base, maximum)
+
+
+def plan_dataset(
+    dataset_dir: str | os.PathLike | None = None,
+    network: str = "dynunet",
+    spatial_dims: int = 3,
+    memory_budget_mb: float | None = None,
+    gpu: bool = False,
+    gflops_budget: float | None = None,
+    fingerprint: dict | None = None,
+    min_batch_size: int = 2,
+    max_batch_size: int = 16,
+) -> Plan:
+    """nnU-Net-like configuration from a dataset fingerprint.
+
+    Args:
+        dataset_dir: MSD folder (``dataset.json``; its ``modality`` decides CT vs z-score normalisation).
+        network: a registry name; ``"dynunet"`` gets kernels/strides/filters from the plan, other names
+            keep their defaults and the patch is rounded up to a size they accept.
+        spatial_dims: 3, or 2 (slices across the last RAS axis; 2D images as they are).
+        memory_budget_mb: training-step memory for the batch; default 8000 (``gpu``) or 2000 (CPU).
+        gpu: plan for a GPU; on CPU (default) filters start at 16 and a compute budget
+            (``gflops_budget``, default 40 GFLOP per step) keeps a training step to seconds.
+        fingerprint: reuse a :func:`fingerprint_dataset` result (else it is computed).
+        min_batch_size, max_batch_size: batch-size bounds.
+
+    Returns:
+        a :class:`Plan` (all spacings/shapes in the RAS-reoriented frame).
+    """
+    from medunet import networks
+
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    networks.get_spec(network)  # fail early on an unknown name
+    fp = fingerprint if fingerprint is not None else fingerprint_dataset(dataset_dir)
+    budget = BUDGETS["gpu" if gpu else "cpu"]
+    mem_budget = float(memory_budget_mb if memory_budget_mb is not None else budget["memory_mb"])
+    flop_budget = None if gpu else float(gflops_budget if gflops_budget is not None else budget["gflops"])
+    spacings = np.array([c["spacing"] for c in fp["cases"]], dtype=np.float64)
+    shapes = np.array([c["shape"] for c in fp["cases"]], dtype=np.float64)
+    data_dims = spacings.shape[1]
+    if spatial_dims == 3 and data_dims == 2:
+        raise ValueError("a 3D plan needs 3D images; these are 2D (use --dims 2)")
+    full_target = target_spacing(spacings)
+    resampled = shapes * spacings / np.asarray(full_target)
+    median_full = [int(round(s)) for s in np.median(resampled, axis=0)]
+    if spatial_dims == 2:
+        target, median_shape, plan_spacing = full_target[:2], median_full[:2], full_target[:2]
+    else:
+        target, median_shape, plan_spacing = full_target, median_full, full_target
+    in_channels = int(fp.get("in_channels", 1))
+    labels = fp.get("labels") or {"background": 0, "foreground": 1}
+    out_channels = max(labels.values()) + 1
+    base = int(budget["base_filters"])
+    maximum = int(budget["max_filters_2d" if spatial_dims == 2 else "max_filters_3d"])
+
+    # patch: start at the median shape (rounded up to a valid size) and shrink the axis that is
+    # largest relative to the median shape until a batch of min_batch_size fits the budgets
+    cap = [max(int(s), 1) for s in median_shape]
+    _, _, _, div0, _ = _fit_layout(list(cap), plan_spacing, [10**6] * spatial_dims, spatial_dims, base, maximum)
+    cap = [int(math.ceil(c / d)) * d for c, d in zip(cap, div0)]
+    patch = list(cap)
+
+    def cost(p, strides, kernels, filters, batch):
+        mem = estimate_memory_mb(p, strides, filters, in_channels, out_channels, batch)
+        flops = estimate_gflops(p, strides, filters, kernels, in_channels, batch)
+        return mem, flops
+
+    def fits(mem, flops):
+        return mem <= mem_budget and (flop_budget is None or flops <= flop_budget)
+
+    while True:
+        patch, kernels, strides, div, filters = _fit_layout(patch, plan_spacing, cap, spatial_dims, base, maximum)
+        mem, flops = cost(patch, strides, kernels, filters, min_batch_size)
+        if fits(mem, flops):
+            break
+        ratios = [p / max(m, 1) for p, m in zip(patch, median_shape)]
+        order = sorted(range(spatial_dims), key=lambda a: -ratios[a])
+        axis = next((a for a in order if patch[a] - div[a] >= 4), None)
+        if axis is None:
+            log.warning("patch %s still exceeds the budget; keeping the smallest valid patch", patch)
+            break
+        patch[axis] -= div[axis]
+    # batch: as many patches as the budgets allow, but at most 5 % of the dataset's voxels
+    mem1, flops1 = cost(patch, strides, kernels, filters, 1)
+    batch = int(mem_budget // max(mem1, 1e-9))
+    if flop_budget is not None:
+        batch = min(batch, int(flop_budget // max(flops1, 1e-9)))
+    dataset_voxels = float(np.sum(np.prod(resampled, axis=1)))
+    batch = min(batch, int(_MAX_BATCH_FRACTION * dataset_voxels // math.prod(patch)), max_batch_size)
+    batch = max(batch, min_batch_size)
+
+    net_options: dict = {"name": network}
+    if network == "dynunet":
+        net_options.update({"kernel_size": kernels, "strides": strides, "filters": filters})
+    else:
+        patch = _round_for_network(network, spatial_dims, in_channels, out_channels, patch, net_options)
+
+    normalization = _normalization(fp)
+    modality = _modality_name(fp)
+    summary = {k: v for k, v in fp.items() if k != "cases"}
+    summary["cases"] = fp["cases"]
+    summary["estimate"] = {"memory_mb": round(cost(patch, strides, kernels, filters, batch)[0], 1),
+                           "gflops_per_step": round(cost(patch, strides, kernels, filters, batch)[1], 2),
+                           "memory_budget_mb": mem_budget, "gflops_budget": flop_budget,
+                           "device": "gpu" if gpu else "cpu"}
+    if spatial_dims == 2 and data_dims == 3:
+        summary["slice_axis"] = 2
+    return Plan(
+        labels=dict(labels), spatial_dims=spatial_dims, modality=modality, in_channels=in_channels,
+        orientation="RAS", target_spacing=[float(s) for s in target], normalization=normalization,
+        patch_size=[int(p) for p in patch], batch_size=int(batch), network=net_options,
+        median_shape=[int(s) for s in median_shape], fingerprint=summary,
+    )
+
+
+def _round_for_network(name: str, dims: int, cin: int, cout: int, patch: list[int], options: dict) -> list[int]:
+    """Round ``patch`` up to a size network ``name`` (default options) accepts."""
+    from medunet import networks
+
+    if name == "unetr":
+        options["img_size"] = list(patch)
+    net = networks.create(name, spatial_dims=dims, in_channels=cin, out_channels=cout,
+                          **{k: v for k, v in options.items() if k != "name"})
+    return [int(s) for s in net.valid_input_shape(patch, mode="up")]
+
+
+def _modality_name(fp: dict) -> str:
+    names = [str(v) for v in (fp.get("modality") or {}).values()]
+    if any(n.upper() == "CT" for n in names):
+        return "CT"
+    if any(n.upper() in ("MRI", "MR") or n.upper().startswith(("T1", "T2", "FLAIR", "ADC", "DWI")) for n in names):
+        return "MRI"
+    return names[0] if names else "unknown"
+
+
+def _normalization(fp: dict) -> dict:
+    """CT: clip to the foreground 0.5/99.5 percentiles and standardise with the foreground mean/std;
+    anything else: per-image z-score, within the nonzero region when that region is clearly smaller
+    than the image (nnU-Net's rule: the nonzero box covers < 3/4 of it)."""
+    if _modality_name(fp) == "CT":
+        s = fp["intensity"][0]
+        return {"scheme": "ct", "clip": [round(s["percentile_00_5"], 4), round(s["percentile_99_5"], 4)],
+                "mean": round(s["mean"], 4), "std": round(max(s["std"], 1e-6), 4)}
+    return {"scheme": "zscore", "nonzero": bool(fp.get("nonzero_fraction_median", 1.0) < 0.75)}
+
+
+def format_plan(plan: Plan) -> str:
+    """A human-readable summary table of a plan."""
+    fp = plan.fingerprint or {}
+    est = fp.get("estimate", {})
+    rows = [
+        ("cases", f"{fp.get('n_cases', '?')} ({len(fp.get('failed', []))} failed)"),
+        ("modality", plan.modality),
+        ("labels", ", ".join(f"{v}={k}" for k, v in sorted(plan.labels.items(), key=lambda kv: kv[1]))),
+        ("spatial dims", str(plan.spatial_dims)),
+        ("median spacing (RAS)", _fmt(fp.get("spacing_median"))),
+        ("target spacing", _fmt(plan.target_spacing)),
+        ("median shape (resampled)", _fmt(plan.median_shape)),
+        ("normalization", json.dumps(plan.normalization)),
+        ("network", plan.network.get("name", "?")),
+        ("patch size", _fmt(plan.patch_size)),
+        ("batch size", str(plan.batch_size)),
+    ]
+    if "strides" in plan.network:
+        rows.append(("pooling per axis", _fmt([sum(1 for s in plan.network["strides"] if s[a] > 1)
+                                                for a in range(plan.spatial_dims)])))
+        rows.append(("filters", _fmt(plan.network.get("filters"))))
+    if est:
+        budget = f"{est.get('memory_budget_mb')} MB" + (f", {est['gflops_budget']} GFLOP" if est.get("gflops_budget")
+                                                       else "")
+        rows.append(("estimate per step", f"{est.get('memory_mb')} MB, {est.get('gflops_per_step')} GFLOP "
+                                          f"({est.get('device')}; budget {budget})"))
+    rows.append(("fingerprint time", f"{fp.get('seconds', '?')} s"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _fmt(values) -> str:
+    if values is None:
+        return "-"
+    return " x ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
