@@ -194,6 +194,40 @@ def _run_label_server(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# medunet plan
+@command
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="fingerprint a dataset and write an nnU-Net-style plan.json")
+    p.add_argument("dataset", help="dataset folder (MSD/nnU-Net dataset.json, imagesTr/labelsTr or images/labels)")
+    p.add_argument("-o", "--output", default="plan.json", help="where to write the plan (default: plan.json)")
+    p.add_argument("--network", default="dynunet", help="registry name (see `medunet networks`)")
+    p.add_argument("--dims", type=int, choices=(2, 3), default=3, help="2D (slice-wise) or 3D network")
+    p.add_argument("--memory-budget", type=float, default=None, metavar="MB",
+                   help="training-step memory budget in MB (default 2000 on CPU, 8000 with --gpu)")
+    p.add_argument("--gflops-budget", type=float, default=None, metavar="GFLOP",
+                   help="CPU only: compute per training step (default 40)")
+    p.add_argument("--gpu", action="store_true", help="plan for a GPU (bigger filters/patches, no compute cap)")
+    p.add_argument("--intensity-cases", type=int, default=None, metavar="N",
+                   help="sample intensities from at most N cases (default: all)")
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from medunet.data.planning import fingerprint_dataset, format_plan, plan_dataset
+
+    fingerprint = fingerprint_dataset(args.dataset, intensity_cases=args.intensity_cases)
+    for problem in fingerprint["failed"]:
+        print(f"medunet plan: skipped {problem}", file=sys.stderr)
+    plan = plan_dataset(args.dataset, network=args.network, spatial_dims=args.dims,
+                        memory_budget_mb=args.memory_budget, gpu=args.gpu, gflops_budget=args.gflops_budget,
+                        fingerprint=fingerprint)
+    path = plan.save(args.output)
+    print(format_plan(plan))
+    print(f"wrote {path}")
+    return EXIT_PARTIAL if fingerprint["failed"] else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from medunet import __version__
 
