@@ -1,0 +1,311 @@
+"""Prepare and start a MONAI Label server that serves medunet bundles.
+
+This module runs in medunet's own environment (no ``monailabel`` import here). It
+
+1. finds the interpreter of the MONAI Label environment (``.venv-label``, see
+   ``scripts/setup_label_env.sh``), because monailabel needs a real torchvision that does not import
+   beside medunet's CPU torch wheel;
+2. lays out an *app working dir* outside the repository (default
+   ``~/.cache/medunet/label-server/<studies-name>-<hash>/``)::
+
+       app/main.py                 two lines: exposes medunet.label.main.MedunetLabelApp
+       app/model/<bundle>/         a copy of each bundle (configs, plan, docs; never its eval/ or data/)
+       app/model/<bundle>/models/model.pt          weights: --checkpoint, the bundle's own, or random
+       app/model/<bundle>/models/medunet-label.json  where those weights came from
+       run/                        the server's working directory (empty: no stray .env is read)
+       sessions/                   MONAI Label sessions
+
+3. builds the ``python -m monailabel.main start_server`` command line (127.0.0.1 by default,
+   ``--conf zoo_source local`` so nothing is fetched from the internet, the medunet ASGI app that
+   refuses path-like ids) and starts it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from medunet.io import InputError
+from medunet.io.atomic import atomic_write_text
+
+__all__ = [
+    "LabelEnvError", "BundleSetup", "REPO_ROOT", "find_label_python", "default_workdir", "find_bundles",
+    "parse_checkpoints", "prepare_app", "weights_status", "server_command", "server_env", "WEIGHTS_RECORD",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+LABEL_VENV = REPO_ROOT / ".venv-label"
+WEIGHTS_RECORD = "medunet-label.json"
+_SKIP_IN_COPY = {"models", "eval", "data", "runs", "mlruns", "__pycache__", ".git", "logs"}
+_APP_MAIN = (
+    '"""MONAI Label app entry point written by `medunet label-server` (do not edit; rewritten at start)."""\n'
+    "from medunet.label.main import MedunetLabelApp  # noqa: F401  (monailabel looks for the subclass)\n"
+)
+
+
+class LabelEnvError(RuntimeError):
+    """No Python environment with monailabel + a working torchvision was found."""
+
+
+@dataclass
+class BundleSetup:
+    """One bundle as the server will see it."""
+
+    name: str
+    source: Path          # the bundle folder given on the command line
+    path: Path            # its copy in the app's model folder
+    weights: str          # "checkpoint" | "bundle" | "random-init" | "fine-tuned"
+    weights_from: str     # file the weights were taken from, or "" for random init
+    labels: dict[str, int]
+
+    @property
+    def untrained(self) -> bool:
+        return self.weights == "random-init"
+
+
+# --------------------------------------------------------------------------------------------------
+# environment
+def _imports_monailabel(python: str) -> bool:
+    try:
+        r = subprocess.run([python, "-c", "import monailabel, torchvision.utils"], capture_output=True,
+                           timeout=120)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return r.returncode == 0
+
+
+def find_label_python(explicit: str | os.PathLike | None = None) -> str:
+    """Interpreter that runs the MONAI Label server.
+
+    Order: ``explicit`` (``--label-python``), ``$MEDUNET_LABEL_PYTHON``, ``<repo>/.venv-label/bin/python``,
+    then the current interpreter if ``monailabel`` and ``torchvision.utils`` import there.
+
+    Raises:
+        LabelEnvError: none of these exists / works; the message says how to create ``.venv-label``.
+    """
+    for candidate in (explicit, os.environ.get("MEDUNET_LABEL_PYTHON")):
+        if candidate:
+            if not Path(candidate).exists():
+                raise LabelEnvError(f"{candidate}: label-server Python not found")
+            return str(candidate)
+    venv_python = LABEL_VENV / "bin" / "python"
+    if venv_python.exists():
+        return str(venv_python)
+    if _imports_monailabel(sys.executable):
+        return sys.executable
+    raise LabelEnvError(
+        f"no MONAI Label environment: {LABEL_VENV} does not exist and monailabel/torchvision do not import "
+        "here; run `make label` (scripts/setup_label_env.sh) or set MEDUNET_LABEL_PYTHON")
+
+
+def default_workdir(studies: str | os.PathLike) -> Path:
+    """Per-studies-folder app working dir under ``$MEDUNET_CACHE`` (default ``~/.cache/medunet``)."""
+    studies = Path(studies).resolve()
+    cache = Path(os.environ.get("MEDUNET_CACHE") or Path.home() / ".cache" / "medunet")
+    digest = hashlib.sha1(str(studies).encode()).hexdigest()[:10]
+    return cache / "label-server" / f"{studies.name or 'studies'}-{digest}"
+
+
+# --------------------------------------------------------------------------------------------------
+# bundles and weights
+def _configs_dir(bundle: Path) -> Path:
+    return bundle / "configs"
+
+
+def find_bundles(paths: Sequence[str | os.PathLike] | None) -> list[Path]:
+    """Validate ``--bundle`` folders (default: every ``<repo>/bundles/*`` with an inference config).
+
+    Raises:
+        InputError: a folder is missing, has no ``configs/inference.json``/``metadata.json``, or two
+            bundles share a folder name (the name is the model id in MONAI Label).
+    """
+    if paths:
+        bundles = [Path(p) for p in paths]
+    else:
+        root = REPO_ROOT / "bundles"
+        bundles = sorted(p for p in root.glob("*") if (_configs_dir(p) / "inference.json").exists())
+        if not bundles:
+            raise InputError(root, "no bundle with configs/inference.json found; pass --bundle DIR")
+    seen: dict[str, Path] = {}
+    for b in bundles:
+        if not b.is_dir():
+            raise InputError(b, "bundle folder not found")
+        for required in ("inference.json", "metadata.json"):
+            if not (_configs_dir(b) / required).is_file():
+                raise InputError(b, f"not a MONAI bundle for MONAI Label: configs/{required} is missing")
+        name = b.resolve().name
+        if name in seen:
+            raise InputError(b, f"two bundles are named {name!r} ({seen[name]}); model ids must differ")
+        seen[name] = b
+    return bundles
+
+
+def parse_checkpoints(values: Iterable[str] | None, names: Sequence[str]) -> dict[str, Path]:
+    """``--checkpoint [NAME=]FILE`` values → ``{bundle name: file}``.
+
+    A bare ``FILE`` is allowed when exactly one bundle is served.
+    """
+    out: dict[str, Path] = {}
+    for value in values or ():
+        name, sep, file = value.partition("=")
+        if not sep:
+            if len(names) != 1:
+                raise ValueError(f"--checkpoint {value}: several bundles are served ({', '.join(names)}); "
+                                 "write --checkpoint NAME=FILE")
+            name, file = names[0], value
+        if name not in names:
+            raise ValueError(f"--checkpoint {value}: no bundle named {name!r} (served: {', '.join(names)})")
+        out[name] = Path(file)
+    return out
+
+
+def _bundle_labels(bundle: Path) -> dict[str, int]:
+    """Label name → value from ``metadata.json`` (first output's ``channel_def``), background excluded."""
+    meta = json.loads((_configs_dir(bundle) / "metadata.json").read_text())
+    outputs = meta.get("network_data_format", {}).get("outputs", {})
+    first = next(iter(outputs.values()), {}) if outputs else {}
+    return {str(v): int(k) for k, v in first.get("channel_def", {}).items() if str(v).lower() != "background"}
+
+
+def build_bundle_network(bundle: Path):
+    """Instantiate ``network_def`` of ``configs/inference.json`` with ``bundle_root`` = ``bundle``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(_configs_dir(bundle) / "inference.json"))
+    parser.config["bundle_root"] = str(bundle)
+    try:
+        return parser.get_parsed_content("network_def", instantiate=True)
+    except Exception as e:  # config errors are long; keep the first line
+        first = " ".join(str(e).split())[:300]
+        raise InputError(_configs_dir(bundle) / "inference.json", f"cannot build network_def ({first})") from None
+
+
+def _file_stamp(path: Path) -> dict:
+    st = path.stat()
+    return {"mtime_ns": st.st_mtime_ns, "size": st.st_size}
+
+
+def _read_record(bundle_copy: Path) -> dict:
+    try:
+        return json.loads((bundle_copy / "models" / WEIGHTS_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def weights_status(bundle_copy: str | os.PathLike) -> str:
+    """Where the served ``models/model.pt`` of an app bundle copy comes from.
+
+    Returns ``"checkpoint"``, ``"bundle"``, ``"random-init"`` (untrained), ``"fine-tuned"`` (the file
+    changed since ``medunet label-server`` wrote it, i.e. MONAI Label training replaced it),
+    ``"missing"`` or ``"unknown"`` (no record).
+    """
+    bundle_copy = Path(bundle_copy)
+    model = bundle_copy / "models" / "model.pt"
+    if not model.exists():
+        return "missing"
+    record = _read_record(bundle_copy)
+    if not record:
+        return "unknown"
+    if record.get("stamp") != _file_stamp(model):
+        return "fine-tuned"
+    return str(record.get("weights", "unknown"))
+
+
+def _write_weights(src: Path, dest: Path, checkpoint: Path | None) -> tuple[str, str]:
+    """Put ``models/model.pt`` (raw state dict) into the bundle copy ``dest``; returns (kind, from)."""
+    from medunet.io import load_weights, save_checkpoint
+
+    model = dest / "models" / "model.pt"
+    model.parent.mkdir(parents=True, exist_ok=True)
+    previous = weights_status(dest)
+    if checkpoint is not None:
+        network = load_weights(build_bundle_network(dest), checkpoint)  # strict: names any mismatch
+        save_checkpoint(network.state_dict(), model)
+        return "checkpoint", str(Path(checkpoint).resolve())
+    if previous == "fine-tuned":  # trained by this server in an earlier session: keep it
+        return "fine-tuned", str(model)
+    bundled = src / "models" / "model.pt"
+    if bundled.is_file():
+        network = load_weights(build_bundle_network(dest), bundled)
+        save_checkpoint(network.state_dict(), model)
+        return "bundle", str(bundled.resolve())
+    if previous == "random-init":  # keep the same random weights across restarts
+        return "random-init", ""
+    save_checkpoint(build_bundle_network(dest).state_dict(), model)
+    return "random-init", ""
+
+
+def _copy_bundle(src: Path, dest: Path) -> None:
+    """Refresh ``dest`` from ``src`` (configs, plan, docs, scripts), keeping ``dest/models``."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for entry in dest.iterdir():
+        if entry.name == "models":
+            continue
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    for entry in src.iterdir():
+        if entry.name in _SKIP_IN_COPY:
+            continue
+        target = dest / entry.name
+        if entry.is_dir():
+            shutil.copytree(entry, target, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(entry, target)
+
+
+def prepare_app(workdir: str | os.PathLike, bundles: Sequence[Path],
+                checkpoints: Mapping[str, Path] | None = None) -> list[BundleSetup]:
+    """Lay out the app working dir (see the module docstring) and return what each bundle serves."""
+    workdir = Path(workdir)
+    app = workdir / "app"
+    for sub in ("model", "run", "sessions"):
+        (app if sub == "model" else workdir).joinpath(sub).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(app / "main.py", _APP_MAIN)
+    checkpoints = dict(checkpoints or {})
+    setups = []
+    for src in bundles:
+        name = src.resolve().name
+        dest = app / "model" / name
+        _copy_bundle(src, dest)
+        kind, origin = _write_weights(src, dest, checkpoints.get(name))
+        model = dest / "models" / "model.pt"
+        record = {"weights": kind, "from": origin, "bundle": str(src.resolve()), "stamp": _file_stamp(model)}
+        atomic_write_text(dest / "models" / WEIGHTS_RECORD, json.dumps(record, indent=2))
+        setups.append(BundleSetup(name, src, dest, kind, origin, _bundle_labels(dest)))
+    return setups
+
+
+# --------------------------------------------------------------------------------------------------
+# the server process
+def server_command(python: str, workdir: str | os.PathLike, studies: str | os.PathLike, models: Sequence[str],
+                   host: str = "127.0.0.1", port: int = 8000,
+                   conf: Mapping[str, str] | None = None) -> list[str]:
+    """``python -m monailabel.main start_server ...`` for the app in ``workdir``.
+
+    ``conf`` adds/overrides ``--conf KEY VALUE`` pairs (e.g. ``{"skip_trainers": "true"}``); ``zoo_source``
+    is always ``local`` and SAM2 is off (medunet serves only its own bundles).
+    """
+    settings = {"models": ",".join(models), "preload": "false", "sam2": "false", **dict(conf or {}),
+                "zoo_source": "local"}
+    cmd = [python, "-m", "monailabel.main", "start_server",
+           "--app", str(Path(workdir) / "app"), "--studies", str(Path(studies).resolve()),
+           "--host", host, "--port", str(int(port)), "--uvicorn_app", "medunet.label.asgi:app"]
+    for key, value in settings.items():
+        cmd += ["--conf", str(key), str(value)]
+    return cmd
+
+
+def server_env(workdir: str | os.PathLike, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment of the server: sessions inside ``workdir``, no zoo downloads, unbuffered logs."""
+    env = dict(os.environ if base is None else base)
+    env["MONAI_LABEL_SESSION_PATH"] = str(Path(workdir) / "sessions")
+    env["BUNDLE_DOWNLOAD_SRC"] = "local"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env

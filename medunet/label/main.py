@@ -1,0 +1,266 @@
+"""The MONAI Label app that serves medunet bundles (runs inside the label environment).
+
+``MedunetLabelApp`` is what MONAI Label's ``start_server --app <workdir>/app`` loads (the app folder's
+``main.py`` imports it; :mod:`medunet.label.launch` writes that folder). For every bundle copied into
+``<app>/model/<name>/`` it registers
+
+* an infer task ``<name>`` (MONAI Label's :class:`BundleInferTask`: the bundle's ``preprocessing``,
+  ``inferer`` and ``postprocessing`` from ``configs/inference.json``, weights ``models/model.pt``,
+  labels from ``metadata.json``'s ``channel_def``); its ``/info/`` entry carries ``weights``
+  (``checkpoint``/``bundle``/``fine-tuned``/``random-init``) and says UNTRAINED when random;
+* a train task ``<name>`` (MONAI Label's :class:`BundleTrainTask`: ``configs/train.json`` run with the
+  datastore's labelled images, starting from the served weights, writing the best model back to
+  ``models/model.pt``, which the infer task then reloads).
+
+The datastore is MONAI Label's local datastore (a plain folder of NIfTI volumes, labels under
+``labels/final``) with checks: ids must be plain names, unknown images give 404, a submitted label
+must match its image's shape.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import HTTPException
+from monailabel.config import settings
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.infer_v2 import InferTask
+from monailabel.interfaces.tasks.strategy import Strategy
+from monailabel.interfaces.tasks.train import TrainTask
+from monailabel.tasks.activelearning.first import First
+from monailabel.tasks.activelearning.random import Random
+from monailabel.tasks.infer.bundle import BundleInferTask
+from monailabel.tasks.train.bundle import BundleTrainTask
+from monailabel.utils.others.generic import strtobool
+
+import medunet
+from medunet.label.launch import weights_status
+from medunet.label.safety import unsafe_id_reason
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MedunetLabelApp", "MedunetInferTask", "MedunetTrainTask", "MedunetDatastore", "local_bundles"]
+
+UNTRAINED_NOTE = "UNTRAINED (random weights): predictions come from an untrained model"
+
+
+def _check_id(value: str, what: str = "image") -> None:
+    reason = unsafe_id_reason(value) if isinstance(value, str) else f"is a {type(value).__name__}"
+    if reason:
+        raise HTTPException(status_code=400, detail=f"{what} {value!r} {reason}")
+
+
+def _nifti_geometry(path: str) -> tuple[tuple[int, ...], np.ndarray] | None:
+    """(shape, affine) of a NIfTI file from its header; ``None`` for other formats."""
+    if not str(path).endswith((".nii", ".nii.gz")):
+        return None
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+        return tuple(int(s) for s in img.shape), np.asarray(img.affine, dtype=np.float64)
+    except Exception as e:  # noqa: BLE001 - any unreadable upload is a client error
+        raise HTTPException(status_code=400, detail=f"label file is not a readable NIfTI ({e})") from None
+
+
+class MedunetDatastore(LocalDatastore):
+    """MONAI Label's local datastore with id checks and label-shape validation."""
+
+    def _known(self, image_id: str) -> None:
+        _check_id(image_id)
+        if not self.get_image_uri(image_id):
+            raise HTTPException(status_code=404, detail=f"image {image_id!r} is not in the studies folder")
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        self._known(image_id)
+        _check_id(label_tag, "tag")
+        label_geo = _nifti_geometry(label_filename)
+        image_geo = _nifti_geometry(self.get_image_uri(image_id))
+        if label_geo is not None and image_geo is not None:
+            (lshape, laff), (ishape, iaff) = label_geo, image_geo
+            if lshape[:3] != ishape[:3]:
+                raise HTTPException(status_code=400, detail=f"label shape {lshape} does not match image "
+                                                            f"{image_id!r} of shape {ishape}")
+            if not np.allclose(laff, iaff, atol=1e-3 * float(np.abs(iaff[:3, :3]).max() or 1.0)):
+                raise HTTPException(status_code=400, detail=f"label geometry (affine) does not match image "
+                                                            f"{image_id!r}: save the label on the image's grid")
+        return super().save_label(image_id, label_filename, label_tag, label_info)
+
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        _check_id(image_id)
+        return super().add_image(image_id, image_filename, image_info)
+
+    def remove_image(self, image_id: str) -> None:
+        self._known(image_id)
+        return super().remove_image(image_id)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        _check_id(label_id, "label")
+        _check_id(label_tag, "tag")
+        return super().remove_label(label_id, label_tag)
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        self._known(image_id)
+        return super().update_image_info(image_id, info)
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        _check_id(label_id, "label")
+        _check_id(label_tag, "tag")
+        return super().update_label_info(label_id, label_tag, info)
+
+
+class MedunetInferTask(BundleInferTask):
+    """A bundle's inference as a MONAI Label segmentation task; ``info()`` reports the weights' origin."""
+
+    def run_pre_transforms(self, data, transforms):
+        # MONAI's Spacingd (1.6) updates every "<image key>_*" entry as a metadata dict, but MONAI Label
+        # puts the request's "image_path" string there; set such strings aside while the bundle's
+        # preprocessing runs (the writer needs image_path afterwards).
+        prefix = f"{self.key_image}_"
+        stash = {k: data.pop(k) for k in list(data) if isinstance(k, str) and k.startswith(prefix)
+                 and not isinstance(data[k], dict)}
+        try:
+            out = super().run_pre_transforms(data, transforms)
+        finally:
+            data.update(stash)
+        out.update(stash)
+        return out
+
+    def writer(self, data, extension=None, dtype=None):
+        # label maps as integers (uint8 up to 255 classes), like medunet's own outputs
+        if dtype is None and not data.get("result_dtype"):
+            dtype = np.uint8 if max(self.labels.values(), default=0) < 256 else np.uint16
+        return super().writer(data, extension=extension, dtype=dtype)
+
+    def info(self) -> dict[str, Any]:
+        i = super().info()
+        status = weights_status(self.bundle_path)
+        i["weights"] = status
+        if status == "random-init":
+            i["description"] = f"{UNTRAINED_NOTE}. {i.get('description') or ''}".strip()
+        return i
+
+
+class MedunetTrainTask(BundleTrainTask):
+    """Fine-tune a bundle on the labels submitted to the datastore (``configs/train.json``, run id ``run``).
+
+    Differences from MONAI Label's :class:`BundleTrainTask`: with fewer labelled images than needed for
+    a validation split, validation runs on the training images (so a single corrected label can
+    already be trained on); the device defaults to CUDA when available, else CPU.
+    """
+
+    def config(self) -> dict[str, Any]:
+        c = super().config()
+        c["multi_gpu"] = False
+        return c
+
+    def _partition_datalist(self, datalist, request, shuffle=False):
+        if not datalist:
+            raise HTTPException(status_code=400, detail="no labelled images in the studies folder: "
+                                                        "submit at least one label before training")
+        train, val = super()._partition_datalist(datalist, request, shuffle=shuffle)
+        if not train:
+            train = list(datalist)
+        if val is not None and not val:
+            logger.warning("fewer labelled images than a validation split needs: validating on the "
+                           f"{len(train)} training image(s)")
+            val = list(train)
+        return train, val
+
+
+def local_bundles(app_dir: str, conf: dict[str, str]) -> dict[str, str]:
+    """Bundle name → folder under ``<app>/model`` (``--conf models a,b`` or every bundle there).
+
+    Never downloads: a name without a local folder is an error.
+    """
+    model_dir = Path(app_dir) / "model"
+    names = [n.strip() for n in (conf.get("models") or "").split(",") if n.strip()]
+    if not names:
+        names = sorted(p.name for p in model_dir.glob("*") if (p / "configs" / "inference.json").exists())
+    bundles = {}
+    for name in names:
+        path = model_dir / name
+        if not (path / "configs").is_dir():
+            raise ValueError(f"{path}: bundle {name!r} not found in the app's model folder "
+                             "(medunet label-server copies --bundle folders there)")
+        bundles[name] = str(path)
+    return bundles
+
+
+class MedunetLabelApp(MONAILabelApp):
+    """MONAI Label app serving medunet bundles (see the module docstring)."""
+
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        self.models = local_bundles(app_dir, conf)
+        for name, path in self.models.items():
+            if weights_status(path) == "random-init":
+                logger.warning(f"model {name}: {UNTRAINED_NOTE}")
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name=f"medunet ({medunet.__version__})",
+            description="medunet segmentation bundles: " + ", ".join(self.models),
+            version=medunet.__version__,
+        )
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return MedunetDatastore(
+            self.studies,
+            extensions=settings.MONAI_LABEL_DATASTORE_FILE_EXT,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self) -> dict[str, InferTask]:
+        infers: dict[str, InferTask] = {}
+        for name, path in self.models.items():
+            task = MedunetInferTask(path, self.conf)
+            if not task.is_valid():  # an invalid task would break /info/ for every model
+                logger.error(f"model {name}: not served (no configs/inference.json or no models/model.pt)")
+                continue
+            infers[name] = task
+        return infers
+
+    def init_trainers(self) -> dict[str, TrainTask]:
+        if strtobool(self.conf.get("skip_trainers", "false")):
+            return {}
+        trainers: dict[str, TrainTask] = {}
+        for name, path in self.models.items():
+            task = MedunetTrainTask(path, self.conf)
+            if task.is_valid():
+                trainers[name] = task
+            else:
+                logger.warning(f"model {name}: no configs/train.json, so no train task")
+        return trainers
+
+    def init_strategies(self) -> dict[str, Strategy]:
+        return {"random": Random(), "first": First()}
+
+    def _is_server_file(self, image: str) -> bool:
+        """An upload or session image the server itself stored (absolute path in its temp/session dir)."""
+        if not os.path.isabs(image) or not os.path.exists(image):
+            return False
+        real = os.path.realpath(image)
+        roots = [tempfile.gettempdir(), settings.MONAI_LABEL_SESSION_PATH or ""]
+        return any(r and real.startswith(os.path.realpath(r) + os.sep) for r in roots)
+
+    def infer(self, request, datastore=None):
+        image = request.get("image")
+        if isinstance(image, str) and not self._is_server_file(image):
+            _check_id(image)
+            if not (datastore or self.datastore()).get_image_uri(image):
+                raise HTTPException(status_code=404, detail=f"image {image!r} is not in the studies folder")
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(status_code=404, detail=f"no model {model!r}; served: {', '.join(self._infers)}")
+        return super().infer(request, datastore)
