@@ -166,6 +166,13 @@ def make_case(name: str, image_path: Path, label_path: Path | None = None, **kwa
     return CASES[name](Path(image_path), None if label_path is None else Path(label_path), **kwargs)
 
 
+def image_id_of(path: Path) -> str:
+    """``case.nii.gz`` → ``case`` (what output names are built from)."""
+    from medunet.io import image_id
+
+    return image_id(path)
+
+
 def case_names() -> list[str]:
     return list(CASES)
 

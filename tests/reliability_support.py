@@ -115,7 +115,7 @@ def run_subprocess(argv: list[str], *, cwd: Path | None = None, env: dict | None
     full_env.pop("MEDUNET_DEBUG", None)
     if env:
         full_env.update(env)
-    proc = subprocess.run(argv, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    proc = subprocess.run(argv, cwd=cwd or REPO, env=full_env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout,
                           preexec_fn=_preexec(enforce_permissions, fsize))
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 

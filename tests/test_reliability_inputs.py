@@ -8,13 +8,24 @@ and nothing is left half-written.
 
 from __future__ import annotations
 
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 import hostile
 import numpy as np
 import pytest
 import torch
-from hostile import CHECKPOINT_CASES, FOLDER_CASES, IMAGE_CASES, LOAD, READ, make_case
+from hostile import CHECKPOINT_CASES, FOLDER_CASES, IMAGE_CASES, LOAD, READ, SEGMENT, make_case
+from reliability_support import (
+    assert_nothing_partial,
+    medunet_argv,
+    permissions_enforceable,
+    run_cli,
+    run_subprocess,
+    traceback_in,
+)
 
 from medunet.io import InputError, load_checkpoint, load_weights, read_image
 
@@ -91,8 +102,6 @@ def test_at_least_25_distinct_cases():
 
 def test_unreadable_file_with_permissions_enforced(tmp_path):
     """chmod 000: as root the test drops CAP_DAC_OVERRIDE in a child so the bits bite as for a user."""
-    from reliability_support import permissions_enforceable, run_subprocess
-
     if not permissions_enforceable():
         pytest.skip("root without CAP_SETPCAP: cannot make permission bits bite")
     case = _make("unreadable_file", tmp_path)
@@ -101,3 +110,155 @@ def test_unreadable_file_with_permissions_enforced(tmp_path):
     res = run_subprocess([sys.executable, "-c", code, str(case.path)], enforce_permissions=True)
     assert res.code == 1, (res.stdout, res.stderr)
     assert case.matches(res.stdout.strip()), res.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# medunet segment
+SEGMENT_CASES = [n for n in IMAGE_CASES + FOLDER_CASES if n != "unreadable_file"]  # that one: batch test
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny 3D UNet checkpoint carrying its plan (CT normalisation, 2 mm grid, 3 classes)."""
+    from medunet import networks
+    from medunet.data import Plan
+    from medunet.io import save_checkpoint
+
+    d = tmp_path_factory.mktemp("model")
+    plan = Plan(labels={"background": 0, "organ": 1, "core": 2}, spatial_dims=3, modality="CT",
+                target_spacing=[2.0, 2.0, 2.0], patch_size=[16, 16, 16], batch_size=1,
+                normalization={"scheme": "ct", "clip": [-200.0, 300.0], "mean": 50.0, "std": 100.0},
+                network={"name": "unet", **networks.get_spec("unet").tiny_options})
+    torch.manual_seed(0)
+    net = plan.build_network()
+    plan.save(d / "plan.json")
+    return save_checkpoint({"model": net.state_dict(), "plan": plan.to_dict()}, d / "model.pt")
+
+
+def _segment_argv(inputs, out, ckpt, *extra):
+    return ["segment", "-i", *map(str, inputs), "-o", str(out), "--checkpoint", str(ckpt), "--device", "cpu",
+            "--no-progress", *extra]
+
+
+def _assert_same_geometry(label_path, image_path):
+    import nibabel as nib
+
+    lab, img = nib.load(str(label_path)), nib.load(str(image_path))
+    assert lab.shape == img.shape[:3], (lab.shape, img.shape)
+    np.testing.assert_allclose(lab.affine, img.affine, atol=1e-5)
+    for kind in ("sform", "qform"):
+        m_lab, c_lab = getattr(lab, f"get_{kind}")(coded=True)
+        m_img, c_img = getattr(img, f"get_{kind}")(coded=True)
+        assert int(c_lab) == int(c_img), f"{kind}_code {c_lab} != {c_img}"
+        if m_img is not None:
+            np.testing.assert_allclose(m_lab, m_img, atol=1e-5)
+    data = np.asanyarray(lab.dataobj)
+    assert data.dtype == np.uint8 and set(np.unique(data)) <= {0, 1, 2}
+
+
+def _expected_error(case, res, out):
+    assert res.code == 1, f"{case.name}: exit {res.code}\n{res.stderr}"
+    assert not traceback_in(res.stderr) and res.logged_tracebacks == 0, res.stderr
+    named = [ln for ln in res.lines if case.matches(ln)]
+    assert named, f"{case.name}: no error line names {case.culprit.name} and the problem:\n{res.stderr}"
+    assert len([ln for ln in res.lines if case.culprit.name in ln]) == 1, f"repeated lines:\n{res.stderr}"
+    assert_nothing_partial(out, must_not_exist=list(out.glob("*_seg*")) if out.exists() else [])
+    assert not out.exists() or list(out.iterdir()) == [], f"{case.name}: wrote {list(out.iterdir())}"
+
+
+@pytest.mark.parametrize("name", SEGMENT_CASES)
+def test_segment_single_bad_input(name, tmp_path, tiny_checkpoint):
+    case = _make(name, tmp_path)
+    assert SEGMENT in case.applies
+    out = tmp_path / "out"
+    res = run_cli(_segment_argv([case.path], out, tiny_checkpoint))
+    if case.outcome == "either" and res.code == 0:
+        outs = list(out.glob("*_seg.nii.gz"))
+        assert len(outs) == 1, outs
+        _assert_same_geometry(outs[0], case.path)
+        assert_nothing_partial(out, expected=outs)
+        return
+    _expected_error(case, res, out)
+
+
+@pytest.mark.parametrize("name", CHECKPOINT_CASES)
+def test_segment_bad_checkpoint(name, tmp_path, tiny_checkpoint):
+    from medunet import networks
+
+    image = hostile.write_good_image(tmp_path / "in" / "good.nii.gz")
+    ckdir = tmp_path / "ck"
+    ckdir.mkdir()
+    shutil.copy(tiny_checkpoint.parent / "plan.json", ckdir / "plan.json")  # so only the weights are wrong
+    kwargs = {}
+    if name == "checkpoint_other_network":
+        kwargs["network"] = networks.create("basicunet", 3, 1, 3, **networks.get_spec("basicunet").tiny_options)
+    case = make_case(name, ckdir / f"{name}.pt", **kwargs)
+    out = tmp_path / "out"
+    res = run_cli(_segment_argv([image], out, case.path))
+    _expected_error(case, res, out)
+    if case.marker is not None:
+        assert not case.marker.exists(), "segment executed code from a checkpoint's pickle"
+
+
+def test_segment_batch_continues_exit_partial(tiny_checkpoint):
+    """All hostile files in one folder plus two good ones, DICOM folders as extra inputs, through the
+    real console entry point (root made to obey permission bits): exit 3, one line per bad input,
+    the good ones segmented in their exact geometry, nothing else written."""
+    base = Path(tempfile.mkdtemp(prefix="medunet-batch-"))
+    try:
+        batch, out = base / "batch", base / "out"
+        cases, dicom_inputs = [], []
+        for name in [n for n in SEGMENT_CASES if n != "symlink_loop"] + ["unreadable_file"]:
+            case = make_case(name, batch / f"{name}.nii.gz")
+            if case.path.is_dir():
+                case = make_case(name, base / "dicom" / f"{name}.nii.gz")
+                dicom_inputs.append(case.path)
+            cases.append(case)
+        good = [hostile.write_good_image(batch / f"good_{i}.nii.gz", seed=i) for i in range(2)]
+        good_dicom = hostile.write_dicom_series(base / "dicom" / "good_dicom", series_uid="1.2.3.4.5.6")
+        argv = medunet_argv(*_segment_argv([batch, *dicom_inputs, good_dicom], out, tiny_checkpoint))
+        res = run_subprocess(argv, enforce_permissions=permissions_enforceable())
+        assert res.code == 3, f"exit {res.code}\n{res.stderr}"
+        assert not traceback_in(res.stderr), res.stderr
+        refused = 0
+        for case in cases:
+            produced = out / f"{hostile.image_id_of(case.path)}_seg.nii.gz"
+            if case.unprivileged and not permissions_enforceable():
+                continue
+            if case.outcome == "either" and produced.exists():
+                _assert_same_geometry(produced, case.path)
+                continue
+            assert not produced.exists(), f"{case.name}: output written for a refused input"
+            lines = [ln for ln in res.stderr.splitlines() if case.matches(ln)]
+            assert len(lines) == 1, f"{case.name}: expected one error line naming it, got {lines}\n{res.stderr}"
+            refused += 1
+        for g in good:
+            _assert_same_geometry(out / f"{hostile.image_id_of(g)}_seg.nii.gz", g)
+        assert (out / "good_dicom_seg.nii.gz").exists()
+        assert refused >= 20, refused
+        assert_nothing_partial(out)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_segment_folder_reports_symlink_loop(tmp_path, tiny_checkpoint):
+    """A looping symlink named like an image inside an input folder must be reported, not skipped."""
+    folder, out = tmp_path / "in", tmp_path / "out"
+    hostile.write_good_image(folder / "a_good.nii.gz")
+    case = make_case("symlink_loop", folder / "b_loop.nii.gz")
+    res = run_cli(_segment_argv([folder], out, tiny_checkpoint))
+    assert (out / "a_good_seg.nii.gz").exists()
+    assert any(case.matches(ln) for ln in res.lines), f"loop not reported:\n{res.stderr}\n{res.stdout}"
+    assert res.code == 3, res.code
+
+
+def test_segment_missing_input_does_not_stop_the_batch(tmp_path, tiny_checkpoint):
+    """``-i good.nii.gz missing.nii.gz other.nii.gz``: the missing one is reported, the others done."""
+    a = hostile.write_good_image(tmp_path / "in" / "a.nii.gz")
+    c = hostile.write_good_image(tmp_path / "in" / "c.nii.gz", seed=2)
+    missing = tmp_path / "in" / "b_missing.nii.gz"
+    out = tmp_path / "out"
+    res = run_cli(_segment_argv([a, missing, c], out, tiny_checkpoint))
+    assert [ln for ln in res.lines if "b_missing.nii.gz" in ln], res.stderr
+    assert (out / "a_seg.nii.gz").exists() and (out / "c_seg.nii.gz").exists(), sorted(out.glob("*"))
+    assert res.code == 3, res.code
