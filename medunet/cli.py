@@ -194,6 +194,75 @@ def _run_label_server(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# medunet phantoms
+@command
+def _add_phantoms(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("phantoms", help="generate a synthetic CT, MRI or 2D-cell dataset in MSD layout")
+    p.add_argument("--kind", required=True, choices=["ct", "mri", "cells"])
+    p.add_argument("--cases", type=int, required=True, help="number of training cases")
+    p.add_argument("--out", "-o", required=True, help="output folder (new, empty, or an earlier phantom set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", default="default",
+                   help="'small' (tests), 'default' (realistic) or a shape such as 256x256x160")
+    p.add_argument("--test-cases", type=int, default=None, help="test cases (default: 20%% of --cases)")
+    p.add_argument("--format", dest="fmt", default="nifti", choices=["nifti", "png"],
+                   help="file format (png: cells only)")
+    p.set_defaults(func=_run_phantoms)
+
+
+def _run_phantoms(args: argparse.Namespace) -> int:
+    import time
+
+    from medunet.data.phantoms import generate_dataset
+
+    size = args.size
+    if size not in ("small", "default"):
+        try:
+            size = tuple(int(v) for v in size.lower().replace(",", "x").split("x"))
+        except ValueError:
+            print(f"medunet phantoms: error: --size must be small, default or a shape like 256x256x160, "
+                  f"got {args.size!r}", file=sys.stderr)
+            return EXIT_USAGE
+    times: list[float] = []
+
+    def report(case_id: str, seconds: float) -> None:
+        times.append(seconds)
+        print(f"  {case_id}  {seconds:.2f} s", flush=True)
+
+    start = time.perf_counter()
+    out = generate_dataset(args.kind, args.out, cases=args.cases, seed=args.seed, size=size,
+                           test_cases=args.test_cases, fmt=args.fmt, on_case=report)
+    total = time.perf_counter() - start
+    n_test = len(times) - args.cases
+    print(f"wrote {args.cases} training + {n_test} test {args.kind} case(s) to {out} "
+          f"(imagesTr/, labelsTr/, imagesTs/, labelsTs/, dataset.json) in {total:.1f} s, "
+          f"{sum(times) / max(len(times), 1):.2f} s per case")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# medunet check-dataset
+@command
+def _add_check_dataset(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check-dataset", help="check a dataset's integrity (like nnU-Net's): one line per problem")
+    p.add_argument("dataset", help="dataset folder (MSD or nnU-Net layout, or images/ + labels/)")
+    p.add_argument("--strict", action="store_true", help="warnings (e.g. empty labels) also fail the check")
+    p.set_defaults(func=_run_check_dataset)
+
+
+def _run_check_dataset(args: argparse.Namespace) -> int:
+    from medunet.data.check import check_dataset, summarize
+
+    problems = check_dataset(args.dataset)
+    for problem in problems:
+        print(problem, flush=True)
+    errors = sum(p.severity == "error" for p in problems)
+    warnings = len(problems) - errors
+    print(summarize(args.dataset, problems))
+    return EXIT_FAILURE if errors or (args.strict and warnings) else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
 # medunet plan
 @command
 def _add_plan(sub: argparse._SubParsersAction) -> None:

@@ -21,13 +21,15 @@ import json
 import os
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medunet.io import IMAGE2D_SUFFIXES, NIFTI_SUFFIXES, InputError, image_id
 
 __all__ = [
     "read_dataset_json", "load_datalist", "pair_folders", "kfold_split", "find_dataset_items",
-    "dataset_labels", "dataset_modalities", "list_image_files", "case_id", "CHANNEL_SUFFIX",
+    "dataset_labels", "dataset_modalities", "list_image_files", "case_id", "scan_folders", "FolderScan",
+    "CHANNEL_SUFFIX",
 ]
 
 #: nnU-Net's per-channel file suffix: ``case_0000.nii.gz`` is channel 0 of ``case``.
@@ -156,6 +158,67 @@ def case_id(path: str | os.PathLike) -> str:
     return m.group("case") if m else name
 
 
+@dataclass
+class FolderScan:
+    """What pairing an image folder with a label folder found (see :func:`scan_folders`).
+
+    Attributes:
+        cases: case id → {channel index → image file}.
+        labels: case id → label file.
+        duplicates: ``(file, other file)`` pairs sharing one id (``x.nii`` beside ``x.nii.gz``).
+        no_label / no_image: case ids with an image but no label, or a label but no image.
+        channel_gaps: case id → its channel indices, for cases lacking a channel others have.
+    """
+
+    images_dir: Path
+    labels_dir: Path | None
+    cases: dict[str, dict[int, Path]] = field(default_factory=dict)
+    labels: dict[str, Path] = field(default_factory=dict)
+    duplicates: list[tuple[Path, Path]] = field(default_factory=list)
+    no_label: list[str] = field(default_factory=list)
+    no_image: list[str] = field(default_factory=list)
+    channel_gaps: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def n_channels(self) -> int:
+        return max((len(ch) for ch in self.cases.values()), default=0)
+
+
+def scan_folders(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None = None) -> FolderScan:
+    """Group the files of ``images_dir`` into cases and match them with ``labels_dir``; reports every
+    irregularity instead of stopping at the first (``pair_folders`` raises, ``check-dataset`` lists)."""
+    scan = FolderScan(Path(images_dir), None if labels_dir is None else Path(labels_dir))
+    if scan.labels_dir is not None:
+        for p in list_image_files(scan.labels_dir):
+            if p.is_dir():
+                continue
+            key = image_id(p)
+            if key in scan.labels:
+                scan.duplicates.append((p, scan.labels[key]))
+            else:
+                scan.labels[key] = p
+    by_image_id: dict[str, Path] = {}
+    for p in list_image_files(scan.images_dir):
+        key = image_id(p)
+        if key in by_image_id:
+            scan.duplicates.append((p, by_image_id[key]))
+        else:
+            by_image_id[key] = p
+    for key, p in by_image_id.items():
+        m = CHANNEL_SUFFIX.match(key)
+        # A label with the full name wins: "case_0001" may be a case id, not channel 1 of "case".
+        if m is None or key in scan.labels:
+            scan.cases.setdefault(key, {})[0] = p
+        else:
+            scan.cases.setdefault(m.group("case"), {})[int(m.group("channel"))] = p
+    if scan.labels_dir is not None:
+        scan.no_label = sorted(k for k in scan.cases if k not in scan.labels)
+        scan.no_image = sorted(k for k in scan.labels if k not in scan.cases)
+    expected = list(range(scan.n_channels))
+    scan.channel_gaps = {k: sorted(ch) for k, ch in scan.cases.items() if sorted(ch) != expected}
+    return scan
+
+
 def pair_folders(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | None = None) -> list[dict]:
     """Pair the images in ``images_dir`` with the labels in ``labels_dir`` by file name.
 
@@ -167,56 +230,28 @@ def pair_folders(images_dir: str | os.PathLike, labels_dir: str | os.PathLike | 
         InputError: unpaired files (all of them listed), a case id present twice, or a case missing a
             channel the others have.
     """
-    images_dir = Path(images_dir)
-    images = list_image_files(images_dir)
-    if not images:
-        raise InputError(images_dir, "no image files (.nii.gz, .nii, .png, .tif or DICOM folders)")
-    labels: dict[str, Path] = {}
-    if labels_dir is not None:
-        for p in list_image_files(labels_dir):
-            if p.is_dir():
-                continue
-            key = image_id(p)
-            if key in labels:
-                raise InputError(p, f"duplicate label id {key!r} (also {labels[key].name})")
-            labels[key] = p
-
-    by_image_id = {}
-    for p in images:
-        key = image_id(p)
-        if key in by_image_id:
-            raise InputError(p, f"duplicate image id {key!r} (also {by_image_id[key].name})")
-        by_image_id[key] = p
-    cases: dict[str, dict[int, Path]] = {}
-    for key, p in by_image_id.items():
-        m = CHANNEL_SUFFIX.match(key)
-        # A label with the full name wins: "case_0001" may be a case id, not channel 1 of "case".
-        if m is None or key in labels:
-            cases.setdefault(key, {})[0] = p
-        else:
-            cases.setdefault(m.group("case"), {})[int(m.group("channel"))] = p
-
-    if labels_dir is not None:
-        no_label = sorted(k for k in cases if k not in labels)
-        no_image = sorted(k for k in labels if k not in cases)
-        if no_label or no_image:
-            parts = []
-            if no_label:
-                parts.append(f"{len(no_label)} image(s) without label: {_names(no_label)}")
-            if no_image:
-                parts.append(f"{len(no_image)} label(s) without image: {_names(no_image)}")
-            raise InputError(images_dir, "unpaired files: " + "; ".join(parts))
-
-    n_channels = max(len(ch) for ch in cases.values())
+    scan = scan_folders(images_dir, labels_dir)
+    if not scan.cases:
+        raise InputError(scan.images_dir, "no image files (.nii.gz, .nii, .png, .tif or DICOM folders)")
+    if scan.duplicates:
+        p, other = scan.duplicates[0]
+        raise InputError(p, f"duplicate id {image_id(p)!r} (also {other.name})")
+    if scan.no_label or scan.no_image:
+        parts = []
+        if scan.no_label:
+            parts.append(f"{len(scan.no_label)} image(s) without label: {_names(scan.no_label)}")
+        if scan.no_image:
+            parts.append(f"{len(scan.no_image)} label(s) without image: {_names(scan.no_image)}")
+        raise InputError(scan.images_dir, "unpaired files: " + "; ".join(parts))
+    for key, channels in scan.channel_gaps.items():
+        raise InputError(scan.images_dir / key, f"case has channel(s) {channels}, expected 0…{scan.n_channels - 1}")
     items = []
-    for key in sorted(cases):
-        channels = cases[key]
-        if sorted(channels) != list(range(n_channels)):
-            raise InputError(images_dir / key, f"case has channel(s) {sorted(channels)}, expected 0…{n_channels - 1}")
-        image = _absolute(channels[0]) if n_channels == 1 else [_absolute(channels[c]) for c in sorted(channels)]
-        item = {"image": image}
-        if labels_dir is not None:
-            item["label"] = _absolute(labels[key])
+    for key in sorted(scan.cases):
+        channels = scan.cases[key]
+        image = [_absolute(channels[c]) for c in sorted(channels)]
+        item = {"image": image[0] if len(image) == 1 else image}
+        if scan.labels_dir is not None:
+            item["label"] = _absolute(scan.labels[key])
         items.append(item)
     return items
 
