@@ -192,10 +192,15 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> ImageData:
         raise InputError(folder, f"DICOM series has {len(files)} slice(s); need a 3D series")
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
+    # ITK prints a multi-line warning for uneven slices; _check_dicom_slice_spacing reports it in one line.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
         img = reader.Execute()
     except RuntimeError as e:
         raise InputError(folder, f"unreadable DICOM series ({' '.join(str(e).split())[:200]})") from None
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     _check_dicom_slice_spacing(reader, files, folder)
     array = sitk.GetArrayFromImage(img)  # (z, y, x)
     array = np.ascontiguousarray(np.transpose(array, (2, 1, 0)))
