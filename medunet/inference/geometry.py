@@ -1,10 +1,10 @@
 """The grid a plan predicts on, and resampling between an image's own grid and that grid.
 
 Training reorients images to ``plan.orientation`` and resamples them to ``plan.target_spacing`` with
-MONAI's ``Orientation`` and ``Spacing``. :class:`PlanGrid` computes the very same target grid (same
-axis order, shape and affine, using MONAI's and nibabel's helpers) and resamples in one
-``grid_sample`` pass on the compute device, because reorientation is an exact permutation of voxel
-centres. :meth:`PlanGrid.from_plan` maps predictions back onto the input's exact voxel grid.
+MONAI's ``Orientation`` and ``Spacing``. :meth:`PlanGrid.resample_image` runs exactly those transforms
+(on the compute device) so the network sees bit-for-bit what validation saw, and records the grid;
+:meth:`PlanGrid.for_image` computes the same grid without any data. :meth:`PlanGrid.from_plan` maps
+predictions back onto the input's exact voxel grid with one chunked ``grid_sample`` pass.
 
 Voxel-index convention everywhere: the affine maps voxel *centres* ``(i, j, k, 1)`` to world mm.
 """
@@ -18,7 +18,9 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
+from monai.data import MetaTensor
 from monai.data.utils import compute_shape_offset, to_affine_nd, zoom_affine
+from monai.transforms import Orientation, Spacing
 
 __all__ = ["PlanGrid", "resample_grid", "reoriented_affine"]
 
@@ -90,6 +92,33 @@ class PlanGrid:
             plan_affine, plan_shape = zoomed, tuple(int(max(s, 1)) for s in out_shape)
         return cls(image_affine, shape, np.asarray(plan_affine, dtype=np.float64), tuple(plan_shape))
 
+    @classmethod
+    def resample_image(
+        cls,
+        x: torch.Tensor,
+        affine: np.ndarray,
+        orientation: str | None = "RAS",
+        target_spacing: Sequence[float] | None = None,
+        mode: str = "bilinear",
+    ) -> tuple[torch.Tensor, PlanGrid]:
+        """Training's ``Orientation`` → ``Spacing`` applied to ``x`` (C, *S) with its 4×4 RAS ``affine``.
+
+        Returns ``(x in plan space (C, *plan_shape) float32, the grid)``; identical to MONAI's output
+        (its transforms do the work), on ``x.device``.
+        """
+        d = x.dim() - 1
+        affine4 = np.asarray(affine, dtype=np.float64)
+        img = MetaTensor(x, affine=torch.as_tensor(affine4, dtype=torch.float64))
+        with torch.no_grad():
+            if orientation:
+                img = Orientation(axcodes=orientation, labels=None)(img)
+            if target_spacing is not None:
+                img = Spacing(pixdim=[float(s) for s in target_spacing], mode=mode)(img)
+        plan_affine = to_affine_nd(d, np.asarray(img.affine.cpu(), dtype=np.float64))
+        grid = cls(to_affine_nd(d, affine4), tuple(int(s) for s in x.shape[1:]), plan_affine,
+                   tuple(int(s) for s in img.shape[1:]))
+        return img.as_tensor().float(), grid
+
     @property
     def spatial_dims(self) -> int:
         return len(self.image_shape)
@@ -99,7 +128,8 @@ class PlanGrid:
         return tuple(float(s) for s in np.linalg.norm(self.plan_affine[:-1, :-1], axis=0))
 
     def to_plan(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-        """``(C, *image_shape)`` → ``(C, *plan_shape)`` (``mode`` ``"bilinear"`` or ``"nearest"``)."""
+        """``(C, *image_shape)`` → ``(C, *plan_shape)`` (``mode`` ``"bilinear"`` or ``"nearest"``) by one
+        ``grid_sample`` pass; equal to :meth:`resample_image` up to float rounding."""
         index_map = np.linalg.solve(self.image_affine, self.plan_affine)  # plan voxel -> image voxel
         return resample_grid(x, index_map, self.plan_shape, mode)
 

@@ -238,13 +238,7 @@ class Predictor:
         """
         x = x.to(self.device)
         d = x.dim() - 1
-        box = nonzero_box(x)
-        crop_affine = np.array(affine, dtype=np.float64, copy=True)
-        crop_affine[:3, 3] = affine[:3, 3] + affine[:3, :d] @ np.array([b.start for b in box], dtype=np.float64)
-        xc = x[(slice(None), *box)]
-        grid = PlanGrid.for_image(crop_affine, tuple(xc.shape[1:]), self.plan.orientation,
-                                  self._target_spacing(d))
-        xp = normalize_intensity(grid.to_plan(xc, "bilinear"), self.plan.normalization)
+        xp, grid, box = self.preprocess(x, affine)
         slicewise = self.plan.spatial_dims == 2 and d == 3
         probs, variance = predict_probabilities(
             self._slicewise_logits if slicewise else self._logits, xp.unsqueeze(0), tta=self.tta,
@@ -265,6 +259,21 @@ class Predictor:
             unc = None
         self.inferer.last_stats["plan_shape"] = grid.plan_shape
         return probs, unc
+
+    def preprocess(self, x: torch.Tensor, affine: np.ndarray) -> tuple[torch.Tensor, PlanGrid, tuple[slice, ...]]:
+        """Training's deterministic preprocessing of ``x`` (C, *S) with its 4×4 ``affine``.
+
+        Returns ``(image in plan space (C, *plan_shape), its PlanGrid, the nonzero crop box in x)``;
+        the image equals what ``medunet.data.transforms.val_transforms(plan)`` yields for the same file.
+        """
+        d = x.dim() - 1
+        box = nonzero_box(x)
+        crop_affine = np.array(affine, dtype=np.float64, copy=True)
+        crop_affine[:3, 3] = affine[:3, 3] + affine[:3, :d] @ np.array([b.start for b in box], dtype=np.float64)
+        xc = x[(slice(None), *box)]
+        xp, grid = PlanGrid.resample_image(xc, crop_affine, self.plan.orientation, self._target_spacing(d))
+        xp = normalize_intensity(xp, self.plan.normalization)
+        return xp, grid, box
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.inferer(x, self.network)
