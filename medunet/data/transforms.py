@@ -28,11 +28,11 @@ from monai.data.image_reader import ImageReader
 from monai.transforms import (
     Compose,
     CropForegroundd,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
-    Orientationd,
     RandAdjustContrastd,
     RandAffined,
     RandCropByPosNegLabeld,
@@ -46,14 +46,16 @@ from monai.transforms import (
     SpatialPadd,
     SqueezeDimd,
 )
+from monai.transforms import Orientationd as _MonaiOrientationd
 from monai.utils import ensure_tuple
 
 from medunet.data.augment import RandElasticDeformd
 from medunet.data.plan import Plan, normalize_intensity
+from medunet.data.weightmap import BorderWeightMapd
 from medunet.io import InputError, is_2d_image, is_nifti, read_image
 
 __all__ = [
-    "MedunetReader", "NormalizeIntensityPland", "AddSliceAxisd", "train_transforms", "val_transforms",
+    "MedunetReader", "NormalizeIntensityPland", "AddSliceAxisd", "Orientationd", "train_transforms", "val_transforms",
     "infer_transforms", "nonzero_region", "slice_axis",
 ]
 
@@ -142,6 +144,18 @@ class AddSliceAxisd(MapTransform):
         return d
 
 
+class Orientationd(_MonaiOrientationd):
+    """MONAI ``Orientationd`` whose axcodes are cut to each image's spatial dims (``"RAS"`` → ``"RA"`` for
+    2D images), so one pipeline serves 2D images and 3D volumes; inverts like MONAI's."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor], lazy: bool | None = None) -> dict:
+        first = next(iter(self.key_iterator(dict(data))), None)
+        if first is not None and self.ornt_transform.axcodes:
+            full = self._full_axcodes = getattr(self, "_full_axcodes", self.ornt_transform.axcodes)
+            self.ornt_transform.axcodes = full[: max(data[first].ndim - 1, 1)]
+        return super().__call__(data, lazy)
+
+
 def nonzero_region(x: torch.Tensor) -> torch.Tensor:
     """Foreground-crop selector: voxels that are nonzero in any channel (everything if none are)."""
     mask = x != 0
@@ -172,24 +186,26 @@ def _pixdim(plan: Plan) -> list[float] | None:
     return spacing
 
 
-def _preprocessing(plan: Plan, image_key: str, label_key: str | None, crop: bool = True) -> list:
+def _preprocessing(plan: Plan, image_key: str, label_key: str | None, crop: bool = True,
+                   extra_label_keys: Sequence[str] = ()) -> list:
     """Deterministic part shared by all pipelines: load → channel-first → crop nonzero → RAS → spacing → normalise."""
-    keys = [k for k in (image_key, label_key) if k]
+    keys = [k for k in (image_key, label_key, *extra_label_keys) if k]
     steps: list = [
         LoadImaged(keys, reader=MedunetReader(), image_only=True),
         EnsureChannelFirstd(keys),
     ]
     if crop:
-        steps.append(CropForegroundd(keys, source_key=image_key, select_fn=nonzero_region, allow_smaller=True))
+        steps.append(CropForegroundd(keys, source_key=image_key, select_fn=nonzero_region, allow_smaller=True,
+                                     start_coord_key=None, end_coord_key=None))
     steps.append(Orientationd(keys, axcodes=plan.orientation, labels=None))
     pixdim = _pixdim(plan)
     if pixdim is not None:
-        modes = ["bilinear", "nearest"][: len(keys)]
+        modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
         steps.append(Spacingd(keys, pixdim=pixdim, mode=modes))
     steps.append(NormalizeIntensityPland(image_key, plan.normalization))
     steps.append(EnsureTyped(image_key, dtype=torch.float32, track_meta=True))
-    if label_key:
-        steps.append(EnsureTyped(label_key, dtype=torch.float32, track_meta=True))
+    if len(keys) > 1:
+        steps.append(EnsureTyped(keys[1:], dtype=torch.float32, track_meta=True))
     return steps
 
 
@@ -206,7 +222,8 @@ def _augmentations(plan: Plan, keys: list[str], image_key: str, elastic: bool, e
     """nnU-Net-like spatial + intensity augmentation of a patch ``(C, *patch_size)`` (shape preserved)."""
     dims = plan.spatial_dims
     patch = [int(p) for p in plan.patch_size]
-    label_modes = ["bilinear", "nearest"][: len(keys)]
+    # image bilinear, label nearest, anything after (a weight map) bilinear
+    label_modes = (["bilinear", "nearest"] + ["bilinear"] * len(keys))[: len(keys)]
     low_res = _anisotropic_axis(plan)
     in_plane = [a for a in range(dims) if a != low_res]
     # rotation: any axis for isotropic 3D; in-plane only (about the low-res axis) for anisotropic data
@@ -246,6 +263,9 @@ def train_transforms(
     elastic_sigma: float = 10.0,
     elastic_prob: float = 0.5,
     pos_neg: tuple[float, float] = (1.0, 1.0),
+    weight_map: bool = False,
+    instance_key: str | None = None,
+    weight_map_options: dict | None = None,
 ) -> Compose:
     """Training pipeline: a data dict of paths → ``num_samples`` augmented patches.
 
@@ -269,10 +289,17 @@ def train_transforms(
             ``None`` → on for 2D plans (the seed's setting), off for 3D (its cost on CPU).
         elastic_sigma, elastic_prob: σ of the grid displacements (voxels) and probability per patch.
         pos_neg: ratio of patches centred on foreground vs background.
+        weight_map: add the seed's border weight map (:class:`~medunet.data.weightmap.BorderWeightMapd`,
+            computed once per case after resampling, then cropped/augmented with the label) as
+            ``"weight"`` ``(1, *plan.patch_size)``; zero in padding.
+        instance_key: item key of an instance map (e.g. the cell phantoms' ``"instance"``) for the
+            weight map; without it objects are connected components of the label.
+        weight_map_options: ``w0``, ``sigma``, ``class_weights``, ``background_only`` overrides.
 
     Returns:
         ``Compose`` producing a list of ``num_samples`` dicts with ``"image"``: float32 ``MetaTensor``
-        ``(C, *plan.patch_size)`` and ``"label"``: float32 (integer-valued) ``(1, *plan.patch_size)``.
+        ``(C, *plan.patch_size)`` and ``"label"``: float32 (integer-valued) ``(1, *plan.patch_size)``
+        (plus ``"weight"`` with ``weight_map``).
     """
     image_key, label_key = _keys(keys)
     if label_key is None:
@@ -280,7 +307,14 @@ def train_transforms(
     keys_l = [image_key, label_key]
     dims = plan.spatial_dims
     patch = [int(p) for p in plan.patch_size]
-    steps = _preprocessing(plan, image_key, label_key)
+    extra = [instance_key] if (weight_map and instance_key) else []
+    steps = _preprocessing(plan, image_key, label_key, extra_label_keys=extra)
+    if weight_map:
+        steps.append(BorderWeightMapd(label_key, instance_key=instance_key, output_key="weight",
+                                      **(weight_map_options or {})))
+        if extra:
+            steps.append(DeleteItemsd(extra))
+        keys_l.append("weight")
     sample_patch = patch + [1] if dims == 2 else patch
     if dims == 2:
         steps.append(AddSliceAxisd(keys_l))
