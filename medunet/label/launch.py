@@ -219,28 +219,42 @@ def weights_status(bundle_copy: str | os.PathLike) -> str:
     return str(record.get("weights", "unknown"))
 
 
+def _set_trained_plan(dest: Path, weights_file: Path | None) -> None:
+    """``dest/models/plan.json`` = the plan saved beside ``weights_file`` (medunet's trainer writes
+    ``plan.json`` next to ``model.pt``), or none, so the network falls back to ``configs/plan.json``."""
+    target = dest / "models" / "plan.json"
+    source = weights_file.parent / "plan.json" if weights_file is not None else None
+    if source is not None and source.is_file():
+        atomic_write_text(target, source.read_text())
+    elif target.exists():
+        target.unlink()
+
+
 def _write_weights(src: Path, dest: Path, checkpoint: Path | None) -> tuple[str, str]:
-    """Put ``models/model.pt`` (raw state dict) into the bundle copy ``dest``; returns (kind, from)."""
+    """Put ``models/model.pt`` (raw state dict) into the bundle copy ``dest``; returns (kind, from).
+
+    Weights are checked against the bundle's ``network_def`` (strict), so a wrong checkpoint fails here
+    with the mismatching keys named, not at the first /infer.
+    """
     from medunet.io import load_weights, save_checkpoint
 
     model = dest / "models" / "model.pt"
     model.parent.mkdir(parents=True, exist_ok=True)
     previous = weights_status(dest)
-    if checkpoint is not None:
-        network = load_weights(build_bundle_network(dest), checkpoint)  # strict: names any mismatch
-        save_checkpoint(network.state_dict(), model)
-        return "checkpoint", str(Path(checkpoint).resolve())
-    if previous == "fine-tuned":  # trained by this server in an earlier session: keep it
-        return "fine-tuned", str(model)
     bundled = src / "models" / "model.pt"
-    if bundled.is_file():
-        network = load_weights(build_bundle_network(dest), bundled)
+    if checkpoint is None and previous == "fine-tuned":  # trained by this server earlier: keep it
+        return "fine-tuned", str(model)
+    if checkpoint is None and not bundled.is_file() and previous == "random-init":
+        return "random-init", ""  # keep the same random weights across restarts
+    weights_file = Path(checkpoint) if checkpoint is not None else bundled if bundled.is_file() else None
+    _set_trained_plan(dest, weights_file)
+    network = build_bundle_network(dest)
+    if weights_file is None:
         save_checkpoint(network.state_dict(), model)
-        return "bundle", str(bundled.resolve())
-    if previous == "random-init":  # keep the same random weights across restarts
         return "random-init", ""
-    save_checkpoint(build_bundle_network(dest).state_dict(), model)
-    return "random-init", ""
+    network = load_weights(network, weights_file)
+    save_checkpoint(network.state_dict(), model)
+    return ("checkpoint" if checkpoint is not None else "bundle"), str(weights_file.resolve())
 
 
 def _copy_bundle(src: Path, dest: Path) -> None:

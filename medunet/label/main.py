@@ -19,6 +19,7 @@ must match its image's shape.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -160,6 +161,40 @@ class MedunetTrainTask(BundleTrainTask):
         c = super().config()
         c["multi_gpu"] = False
         return c
+
+    def __call__(self, request, datastore: Datastore):
+        self._request = dict(request)
+        return super().__call__(request, datastore)
+
+    def _served_plan_file(self) -> str:
+        """The plan the served ``models/model.pt`` was trained with (``models/plan.json``), else the
+        bundle's ``configs/plan.json``."""
+        trained = Path(self.bundle_path) / "models" / "plan.json"
+        return str(trained if trained.exists() else Path(self.bundle_path) / "configs" / "plan.json")
+
+    def _update_overrides(self, overrides):
+        """Settings for fine-tuning inside MONAI Label, applied only to keys the bundle defines.
+
+        medunet bundles' train.json trains from scratch on a generated phantom dataset; here the
+        data are the submitted labels and training continues from the served weights, so: the plan is
+        the served model's plan (never re-planned, no phantom generation), no resume from an older run's
+        latest checkpoint, validation (hence best-model saving to ``models/model.pt``) every epoch,
+        no progress bars, MLflow only when the request asks for tracking.
+        """
+        cfg = self.bundle_config
+        tracking = str((getattr(self, "_request", None) or {}).get("tracking") or "").lower()
+        plan_file = self._served_plan_file()
+        if cfg.get("plan_file") is not None and Path(plan_file).exists():
+            overrides["plan_file"] = plan_file
+            if "@data_root" in str(cfg.get("plan", "")):
+                # (no "@ref" here: MONAI parses expressions mentioning "import" as Python before resolving)
+                overrides["plan"] = (f"$monai.utils.optional_import('medunet.data', name='Plan')[0]"
+                                     f".load({json.dumps(plan_file)})")
+        for key, value in (("resume", False), ("val_interval", 1), ("progress_bar", False),
+                           ("mlflow", tracking == "mlflow")):
+            if cfg.get(key) is not None:
+                overrides[key] = value
+        return overrides
 
     def _partition_datalist(self, datalist, request, shuffle=False):
         if not datalist:
