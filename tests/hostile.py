@@ -74,10 +74,15 @@ class Case:
     marker: Path | None = None
     extra: dict = field(default_factory=dict)
 
-    def matches(self, message: str) -> bool:
-        """True when ``message`` names the culprit (full path or file name) and the problem."""
-        names = {str(self.culprit), self.culprit.name, os.path.realpath(self.culprit)}
-        named = any(n and n in message for n in names)
+    def matches(self, message: str, pair: bool = False) -> bool:
+        """True when ``message`` names the culprit and the problem.
+
+        The culprit counts as named by its full path or by ``<folder>/<file>`` (images and labels share
+        file names in MSD datasets, so the bare file name is not enough).
+        """
+        paths = [self.culprit] + ([self.path, self.label] if pair and self.label is not None else [])
+        names = {n for p in paths for n in (str(p), f"{p.parent.name}/{p.name}")}
+        named = any(n in message for n in names)
         return named and re.search(self.reason, message, flags=re.IGNORECASE) is not None
 
 
@@ -324,7 +329,10 @@ def _with_pixdim(img: Path, lbl: Path | None, name: str, zoom_z: float, reason: 
     hdr["magic"] = b"n+1"
     raw = hdr.binaryblock + b"\x00" * 4 + np.round(image).astype("<i2").tobytes(order="F")
     img.write_bytes(gzip.compress(raw))
-    return Case(name, img, img, reason, _IMG, label=_label_beside(lbl))
+    label = None
+    if lbl is not None:  # the label shares the image's (finite) sform, so only the spacing is wrong
+        label = _save(_phantom(GOOD_SHAPE)[1], aff if zoom_z < 0 else good_affine(), lbl, 1, 0)
+    return Case(name, img, img, reason, _IMG, label=label)
 
 
 @_register(IMAGE_CASES)
@@ -662,3 +670,31 @@ def typo_override_file(dst: Path, typo_key: str = "train#trainer#max_epoch") -> 
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, symlinks=True)
     return dst
+
+
+# --------------------------------------------------------------------------------------------------
+# MSD-layout datasets with hostile cases mixed in
+GOOD_LABELS = {"0": "background", "1": "organ", "2": "core"}
+
+
+def write_dataset(root: Path, good: int = 2, bad: list[str] = (), modality: str = "CT") -> dict[str, Case]:
+    """An MSD dataset (``dataset.json``, ``imagesTr/``, ``labelsTr/``) with ``good`` valid cases and one
+    case per name in ``bad`` (image and/or label cases; ids ``bad_<name>``). Returns name → Case."""
+    root = Path(root)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    training, cases = [], {}
+    for i in range(good):
+        img = write_good_image(root / "imagesTr" / f"good_{i:03d}.nii.gz", seed=i)
+        lbl = write_good_label(root / "labelsTr" / f"good_{i:03d}.nii.gz", seed=i)
+        training.append({"image": f"./imagesTr/{img.name}", "label": f"./labelsTr/{lbl.name}"})
+    for name in bad:
+        cid = f"bad_{name}"
+        case = make_case(name, root / "imagesTr" / f"{cid}.nii.gz", root / "labelsTr" / f"{cid}.nii.gz")
+        cases[name] = case
+        training.append({"image": f"./imagesTr/{case.path.name}", "label": f"./labelsTr/{cid}.nii.gz"})
+    meta = {"name": "hostile", "description": "reliability test dataset", "tensorImageSize": "3D",
+            "modality": {"0": modality}, "labels": GOOD_LABELS, "numTraining": len(training), "numTest": 0,
+            "training": training, "test": []}
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return cases

@@ -8,16 +8,28 @@ and nothing is left half-written.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import hostile
 import numpy as np
 import pytest
 import torch
-from hostile import CHECKPOINT_CASES, FOLDER_CASES, IMAGE_CASES, LOAD, READ, SEGMENT, make_case
+from hostile import (
+    CHECKPOINT_CASES,
+    FOLDER_CASES,
+    IMAGE_CASES,
+    LABEL_CASES,
+    LOAD,
+    PLAN,
+    READ,
+    SEGMENT,
+    make_case,
+)
 from reliability_support import (
     assert_nothing_partial,
     medunet_argv,
@@ -262,3 +274,113 @@ def test_segment_missing_input_does_not_stop_the_batch(tmp_path, tiny_checkpoint
     assert [ln for ln in res.lines if "b_missing.nii.gz" in ln], res.stderr
     assert (out / "a_seg.nii.gz").exists() and (out / "c_seg.nii.gz").exists(), sorted(out.glob("*"))
     assert res.code == 3, res.code
+
+
+# --------------------------------------------------------------------------------------------------
+# medunet check-dataset and medunet plan: one dataset holding every hostile case next to good ones
+DATASET_CASES = [n for n in IMAGE_CASES + LABEL_CASES if n not in ("dicom_mixed_series", "dicom_missing_slice")]
+# Cases that are bad data for training but that plan fingerprinting may legitimately read:
+# "either" cases (a constant image, a sheared or flipped grid, disagreeing sform/qform) are fine to plan
+# from; everything else must be skipped with a line naming the file.
+
+_BOTH = textwrap.dedent("""
+    import sys
+    from medunet.cli import main
+    ds, plan = sys.argv[1:3]
+    for i, argv in enumerate((["check-dataset", ds], ["plan", ds, "-o", plan, "--network", "unet"])):
+        code = main(argv)
+        sys.stdout.flush()
+        print(f"@@EXIT {code}", flush=True)
+        print("@@SPLIT", flush=True)
+        print("@@SPLIT", file=sys.stderr, flush=True)
+""")
+
+
+@pytest.fixture(scope="module")
+def dataset_runs():
+    """check-dataset and plan on the hostile dataset, through the real entry point in one subprocess
+    (root made to obey permission bits so the unreadable file bites)."""
+    base = Path(tempfile.mkdtemp(prefix="medunet-ds-"))
+    try:
+        cases = hostile.write_dataset(base / "ds", good=3, bad=DATASET_CASES)
+        res = run_subprocess([sys.executable, "-c", _BOTH, str(base / "ds"), str(base / "plan.json")],
+                             enforce_permissions=permissions_enforceable())
+        outs, errs = res.stdout.split("@@SPLIT\n"), res.stderr.split("@@SPLIT\n")
+        runs = {}
+        for i, cmd in enumerate(("check-dataset", "plan")):
+            text = outs[i] + errs[i]
+            code = int(text.split("@@EXIT ")[1].split()[0])
+            runs[cmd] = (code, text)
+        plan_text = (base / "plan.json").read_text() if (base / "plan.json").exists() else None
+        yield cases, runs, plan_text, res
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _lines_naming(case, text):
+    return [ln for ln in text.splitlines() if case.matches(ln, pair=True)]
+
+
+def test_check_dataset_reports_every_bad_case(dataset_runs):
+    cases, runs, _, res = dataset_runs
+    code, text = runs["check-dataset"]
+    assert code == 1, text
+    assert not traceback_in(res.stderr), res.stderr
+    missed = []
+    for name, case in cases.items():
+        if case.unprivileged and not permissions_enforceable():
+            continue
+        hits = _lines_naming(case, text)
+        if case.outcome == "error" and not hits:
+            missed.append(name)
+    assert not missed, f"check-dataset did not report: {missed}\n{text}"
+    for i in range(3):
+        assert not [ln for ln in text.splitlines() if f"good_{i:03d}" in ln and ln.startswith("error")], text
+
+
+def test_plan_skips_bad_cases_and_plans_from_the_rest(dataset_runs):
+    from medunet.data import Plan
+
+    cases, runs, plan_text, res = dataset_runs
+    code, text = runs["plan"]
+    assert not traceback_in(res.stderr), res.stderr
+    assert code == 3, f"exit {code}\n{text}"
+    assert plan_text is not None, "no plan.json written"
+    plan = Plan.from_dict(json.loads(plan_text))
+    missed = []
+    for name, case in cases.items():
+        if PLAN not in case.applies or case.outcome != "error":
+            continue
+        if case.unprivileged and not permissions_enforceable():
+            continue
+        if not _lines_naming(case, text):
+            missed.append(name)
+    assert not missed, f"plan used these bad cases silently: {missed}\n{text}"
+    # one bad case must not bend the plan: the good cases are 1-channel CT with 3 classes
+    assert (plan.in_channels, plan.out_channels, plan.modality) == (1, 3, "CT"), plan
+
+
+def test_plan_and_check_on_empty_or_all_bad_dataset(tmp_path):
+    """Nothing usable: exit 1, one line naming the folder/file, and no plan.json at all."""
+    empty = make_case("empty_folder", tmp_path / "empty.nii.gz")
+    res = run_cli(["check-dataset", str(empty.path)])
+    assert res.code == 1 and not traceback_in(res.stderr)
+    assert any(str(empty.path) in ln for ln in (res.stdout + res.stderr).splitlines()), res.stdout + res.stderr
+    res = run_cli(["plan", str(empty.path), "-o", str(tmp_path / "p1.json")])
+    assert res.code == 1 and len(res.lines) == 1 and str(empty.path) in res.lines[0], res.stderr
+    assert not (tmp_path / "p1.json").exists()
+    hostile.write_dataset(tmp_path / "allbad", good=0, bad=["corrupt_gzip", "zero_byte"])
+    res = run_cli(["plan", str(tmp_path / "allbad"), "-o", str(tmp_path / "p2.json")])
+    assert res.code == 1 and not traceback_in(res.stderr), res.stderr
+    assert "bad_corrupt_gzip" in res.stderr and "bad_zero_byte" in res.stderr, res.stderr
+    assert not (tmp_path / "p2.json").exists() and not list(tmp_path.glob(".p2*"))
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    """Without --debug one line; with it, the exception propagates for a developer to see."""
+    empty = make_case("empty_folder", tmp_path / "empty.nii.gz")
+    assert run_cli(["plan", str(empty.path), "-o", str(tmp_path / "p.json")]).code == 1
+    from medunet import cli
+
+    with pytest.raises(Exception):  # noqa: B017 — any exception type: the point is that it is not swallowed
+        cli.main(["--debug", "plan", str(empty.path), "-o", str(tmp_path / "p.json")])
