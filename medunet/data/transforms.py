@@ -55,7 +55,7 @@ from medunet.data.weightmap import BorderWeightMapd
 from medunet.io import InputError, is_2d_image, is_nifti, read_image
 
 __all__ = [
-    "MedunetReader", "NormalizeIntensityPland", "AddSliceAxisd", "Orientationd", "train_transforms", "val_transforms",
+    "MedunetReader", "LoadMedunetImaged", "NormalizeIntensityPland", "AddSliceAxisd", "Orientationd", "train_transforms", "val_transforms",
     "infer_transforms", "nonzero_region", "slice_axis",
 ]
 
@@ -102,6 +102,21 @@ class MedunetReader(ImageReader):
             "medunet_source": first.source,
         }
         return array, meta
+
+
+class LoadMedunetImaged(LoadImaged):
+    """``LoadImaged`` that always reads through :class:`MedunetReader` (``MetaTensor`` output).
+
+    The reader is passed at call time, so its :class:`~medunet.io.InputError` propagates (MONAI's
+    reader loop would replace it by a generic "cannot find a suitable reader" message).
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False) -> None:
+        self._medunet_reader = MedunetReader()
+        super().__init__(keys, reader=self._medunet_reader, image_only=True, allow_missing_keys=allow_missing_keys)
+
+    def __call__(self, data, reader: ImageReader | None = None):
+        return super().__call__(data, reader or self._medunet_reader)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,7 +206,7 @@ def _preprocessing(plan: Plan, image_key: str, label_key: str | None, crop: bool
     """Deterministic part shared by all pipelines: load → channel-first → crop nonzero → RAS → spacing → normalise."""
     keys = [k for k in (image_key, label_key, *extra_label_keys) if k]
     steps: list = [
-        LoadImaged(keys, reader=MedunetReader(), image_only=True),
+        LoadMedunetImaged(keys),
         EnsureChannelFirstd(keys),
     ]
     if crop:
