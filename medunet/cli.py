@@ -234,9 +234,8 @@ def _run_phantoms(args: argparse.Namespace) -> int:
                            test_cases=args.test_cases, fmt=args.fmt, on_case=report)
     total = time.perf_counter() - start
     n_test = len(times) - args.cases
-    print(f"wrote {args.cases} training + {n_test} test {args.kind} case(s) to {out} "
-          f"(imagesTr/, labelsTr/, imagesTs/, labelsTs/, dataset.json) in {total:.1f} s, "
-          f"{sum(times) / max(len(times), 1):.2f} s per case")
+    print(f"wrote {args.cases} training + {n_test} test {args.kind} case(s) to {out} (MSD layout, "
+          f"dataset.json) in {total:.1f} s, {sum(times) / max(len(times), 1):.2f} s per case")
     return EXIT_OK
 
 

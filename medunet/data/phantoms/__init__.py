@@ -131,6 +131,8 @@ def generate_dataset(
 def _write_cases(kind: str, work: Path, cases: int, n_test: int, seed: int, size, fmt: str,
                  on_case: Callable[[str, float], None] | None) -> tuple[list[dict], list[dict]]:
     """Generate and write every case into ``work``; returns the training and test datalist entries."""
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):  # MSD folders exist even when empty
+        (work / sub).mkdir(parents=True, exist_ok=True)
     ext = ".png" if fmt == "png" else ".nii.gz"
     training, test = [], []
     for index in range(cases + n_test):
