@@ -68,6 +68,9 @@ class MLflowTracker:
         validator: the evaluator whose epoch metrics are logged with the trainer's epoch as step.
         enabled: ``False`` turns the tracker into a no-op (also automatically on ranks > 0).
         log_every: log the training loss every N iterations.
+        tags: MLflow tags of the run.
+        resume_run: continue the run recorded in ``mlflow_run.json`` when the engine resumes (training);
+            ``False`` for evaluation runs, which neither read nor write that file.
     """
 
     def __init__(
@@ -83,6 +86,7 @@ class MLflowTracker:
         enabled: bool = True,
         log_every: int = 1,
         tags: dict | None = None,
+        resume_run: bool = True,
     ):
         self.output_dir = Path(output_dir)
         self.tracking_uri = tracking_uri or default_tracking_uri(output_dir)
@@ -95,6 +99,7 @@ class MLflowTracker:
         self.enabled = bool(enabled)
         self.log_every = max(1, int(log_every))
         self.tags = dict(tags or {})
+        self.resume_run = bool(resume_run)
         self.client = None
         self.run_id: str | None = None
         self._pending: list = []
@@ -136,7 +141,7 @@ class MLflowTracker:
     def start(self, engine: Engine) -> None:
         client = self._client()
         marker = self.output_dir / "mlflow_run.json"
-        resumed = engine.state.epoch > 0 and marker.exists()
+        resumed = self.resume_run and engine.state.epoch > 0 and marker.exists()
         if resumed:
             try:
                 saved = json.loads(marker.read_text())
@@ -153,8 +158,8 @@ class MLflowTracker:
             run = client.create_run(self._experiment_id(), run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
             self.log_params({**self.params, **({"plan": self.plan} if self.plan else {})})
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(marker, json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri}))
+            if self.resume_run:
+                atomic_write_text(marker, json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri}))
         logger.info("MLflow run %s at %s (experiment %r)", self.run_id, self.tracking_uri, self.experiment_name)
 
     def log_params(self, params: dict) -> None:

@@ -127,6 +127,10 @@ class ClassDice(Metric):
         if not self._scores:
             return {}
         scores = torch.cat(self._scores)  # (N, K-1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            from monai.utils import evenly_divisible_all_gather
+
+            scores = evenly_divisible_all_gather(scores, concat=True)
         out = {}
         for i in range(scores.shape[1]):
             col = scores[:, i]
