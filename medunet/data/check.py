@@ -414,10 +414,28 @@ def _check_header(image, path: Path, result: CheckResult) -> None:
     header = image.header
     if header is None:
         return
+    raw = _raw_pixdim(path)
+    ndim = min(int(raw[0]), 3) if raw is not None and 1 <= int(raw[0]) <= 7 else 0
+    if ndim and np.any(raw[1:ndim + 1] < 0):
+        # nibabel silently takes the absolute value; a negative pixdim means a broken writer
+        result.add(path, "bad-spacing", f"negative voxel spacing in the header (pixdim {_fmt(raw[1:ndim + 1])})")
     if int(header["sform_code"]) > 0 and int(header["qform_code"]) > 0:
         diff = float(np.abs(header.get_sform() - header.get_qform()).max())
         if diff > 1e-3:
             result.add(path, "sform-qform", f"sform and qform disagree by up to {diff:.3g} (the sform is used)")
+
+
+def _raw_pixdim(path: Path) -> np.ndarray | None:
+    """``dim[0]`` followed by ``pixdim[1:8]`` exactly as stored (nibabel's loader fixes negative values)."""
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as fh:
+            header = nib.Nifti1Header.from_fileobj(fh, check=False)
+    except Exception:  # the reader already reported an unreadable header
+        return None
+    return np.concatenate([[float(header["dim"][0])], np.asarray(header["pixdim"][1:8], dtype=np.float64)])
 
 
 def _check_label(label, path: Path, expect: _Expect, result: CheckResult) -> None:
