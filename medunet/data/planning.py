@@ -373,13 +373,13 @@ def plan_dataset(
         mem, flops = cost(patch, strides, kernels, filters, min_batch_size)
         if fits(mem, flops):
             break
-        ratios = [p / max(m, 1) for p, m in zip(patch, median_shape)]
-        order = sorted(range(spatial_dims), key=lambda a: -ratios[a])
-        axis = next((a for a in order if patch[a] - div[a] >= 4), None)
-        if axis is None:
+        ratios = [p / max(m, 1) if p - d >= 4 else -1.0 for p, m, d in zip(patch, median_shape, div)]
+        if max(ratios) < 0:
             log.warning("patch %s still exceeds the budget; keeping the smallest valid patch", patch)
             break
-        patch[axis] -= div[axis]
+        # shrink every axis tied for the largest patch/median ratio (keeps e.g. in-plane axes equal)
+        for axis in [a for a in range(spatial_dims) if ratios[a] >= max(ratios) - 1e-9]:
+            patch[axis] -= div[axis]
     # batch: as many patches as the budgets allow, but at most 5 % of the dataset's voxels
     mem1, flops1 = cost(patch, strides, kernels, filters, 1)
     batch = int(mem_budget // max(mem1, 1e-9))
