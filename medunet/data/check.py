@@ -265,6 +265,8 @@ def _check_unlisted(root: Path, folder: str, cases: list[_Case], result: CheckRe
         if not (root / sub).is_dir():
             continue
         scan = scan_folders(root / sub)
+        for p, other in scan.duplicates:
+            result.add(p, "duplicate-id", f"same case id as {other.name} (which one is meant?)")
         for channels in scan.cases.values():
             for p in channels.values():
                 if os.path.abspath(p) not in listed:
@@ -335,7 +337,7 @@ def _classify(reason: str) -> str:
     r = reason.lower()
     for pattern, kind in (
         (r"no such file|not found|broken or looping|link loop", "missing-file"),
-        (r"empty file|0 bytes", "empty-file"),
+        (r"empty file \(0 bytes\)", "empty-file"),
         (r"too large|memory budget|exceed", "too-large"),
         (r"spacing|pixdim", "bad-spacing"),
         (r"singular|affine contains nan|affine must be", "singular-affine"),
