@@ -88,7 +88,7 @@ def _header_geometry(path: str) -> tuple[list[int], np.ndarray, int] | None:
     except Exception as e:  # nibabel raises many kinds of errors on damaged files
         raise InputError(path, f"unreadable NIfTI header ({e})") from None
     shape = list(img.shape)
-    dims = 3 if len(shape) >= 3 and shape[2] > 1 else 2
+    dims = 2 if len(shape) == 2 else 3  # as medunet.io.ImageData.spatial_dims
     return shape, img.affine, dims
 
 

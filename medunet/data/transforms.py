@@ -9,9 +9,10 @@ Three pipelines, all dictionary-based (``{"image": path, "label": path}``):
   ``monai.transforms.Invertd(keys="pred", transform=<this Compose>, orig_keys="image")`` brings a
   prediction back to the input file's exact grid.
 
-Images are read through :class:`MedunetReader` (``medunet.io.read_image``): NIfTI, DICOM series folders
-(LPS→RAS affine), PNG/TIFF 2D images, with medunet's one-line :class:`~medunet.io.InputError` for bad
-input (MONAI wraps it in a ``RuntimeError``; :func:`medunet.data.datasets.find_input_error` digs it out).
+Images are read by :class:`LoadMedunetImaged` through :class:`MedunetReader` (``medunet.io.read_image``):
+NIfTI, DICOM series folders (LPS→RAS affine), PNG/TIFF 2D images, with medunet's one-line
+:class:`~medunet.io.InputError` for bad input (MONAI's ``Compose`` wraps it in a ``RuntimeError``;
+:func:`medunet.data.datasets.find_input_error` digs it out).
 """
 
 from __future__ import annotations
