@@ -222,16 +222,23 @@ class HistoryLogger:
         self._losses: list[float] = []
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self._load)
-        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._losses.clear())
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.EPOCH_STARTED, self._epoch_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
 
-    def _load(self, engine: Engine) -> None:
-        self.rows = []
-        if self.csv_path.exists() and engine.state.epoch > 0:
-            with open(self.csv_path, newline="") as fh:
-                self.rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= engine.state.epoch]
+    def _started(self, engine: Engine) -> None:
+        self.rows, self._loaded = [], False
+
+    def _epoch_started(self, engine: Engine) -> None:
+        # read the earlier rows here, not at STARTED: by now a resume has set the epoch counter
+        if not self._loaded:
+            self._loaded = True
+            done = engine.state.epoch - 1
+            if self.csv_path.exists() and done > 0:
+                with open(self.csv_path, newline="") as fh:
+                    self.rows = [r for r in csv.DictReader(fh) if int(r["epoch"]) <= done]
+        self._losses.clear()
 
     def _iteration(self, engine: Engine) -> None:
         loss = _output_loss(engine.state.output)

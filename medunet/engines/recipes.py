@@ -31,8 +31,30 @@ from medunet.metrics.segmentation import case_metrics
 
 __all__ = [
     "RecipeConfig", "poly_lr", "DeepSupervisionDiceCE", "whole_volume_logits", "evaluate_cases",
-    "summarize_rows", "train_recipe", "build_optimizer",
+    "summarize_rows", "train_recipe", "build_optimizer", "float32_norms",
 ]
+
+_NORMS = (torch.nn.modules.instancenorm._InstanceNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm,
+          torch.nn.LayerNorm)
+
+
+def _to_float(module, args):
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def float32_norms(network: torch.nn.Module) -> torch.nn.Module:
+    """Make every normalisation layer compute in float32 under bf16 autocast (in place; returns it).
+
+    CPU autocast leaves instance norm in the input's dtype, so after a bf16 convolution its mean and
+    variance would be taken in bfloat16 — imprecise on small feature maps and a source of NaNs. A
+    forward pre-hook casts the input to float32 (the following convolution casts back). Weights and
+    ``state_dict`` are unchanged. Idempotent.
+    """
+    for m in network.modules():
+        if isinstance(m, _NORMS) and not getattr(m, "_medunet_float32", False):
+            m.register_forward_pre_hook(_to_float)
+            m._medunet_float32 = True
+    return network
 
 
 @dataclass
@@ -237,6 +259,8 @@ def train_recipe(
     torch.manual_seed(config.seed)
     device = torch.device(device)
     network.to(device).train()
+    if config.bf16:
+        float32_norms(network)
     optimizer = build_optimizer(network, config)
     history: list[dict] = []
     t0, cpu0 = time.perf_counter(), time.process_time()

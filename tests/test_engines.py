@@ -1,0 +1,160 @@
+"""Engines: automatic resume (bit-identical to an uninterrupted run on CPU), checkpoint contents, early
+stopping, losses for valid-convolution networks, bundle location, tracking URI defaults."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from bundle_helpers import BUNDLES, one_thread, read_history, run_bundle, tiny_overrides
+from ignite.engine import Engine, Events
+
+from medunet.engines import (
+    CheckpointManager,
+    CroppedLoss,
+    WeightMapLoss,
+    center_crop_to,
+    default_tracking_uri,
+    flatten_params,
+    locate_bundle,
+    resolve_plan,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+assert one_thread
+
+
+@pytest.fixture(scope="module")
+def ct_data(tmp_path_factory) -> Path:
+    from medunet.data.phantoms import generate_dataset
+
+    return generate_dataset("ct", tmp_path_factory.mktemp("ct") / "data", cases=4, size="small", seed=0)
+
+
+def _latest(out: Path) -> dict:
+    return torch.load(out / "eval" / "checkpoint_latest.pt", weights_only=True)
+
+
+def test_resume_reproduces_uninterrupted_run(ct_data, tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run_bundle("ct", **tiny_overrides("ct", ct_data, straight, max_epochs=2))
+    run_bundle("ct", stop_after_epoch=1, **tiny_overrides("ct", ct_data, interrupted, max_epochs=2))
+    first = _latest(interrupted)
+    assert first["trainer"]["epoch"] == 1
+    run_bundle("ct", **tiny_overrides("ct", ct_data, interrupted, max_epochs=2))  # restart: resumes at epoch 2
+
+    a, b = _latest(straight), _latest(interrupted)
+    assert a["trainer"] == b["trainer"] and a["trainer"]["epoch"] == 2
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert a["scheduler"] == b["scheduler"]
+    assert a["best"] == b["best"]
+    hist_a, hist_b = read_history(straight / "eval"), read_history(interrupted / "eval")
+    assert [r["epoch"] for r in hist_b] == ["1", "2"]
+    assert hist_a == hist_b  # same losses and per-class validation Dice, epoch by epoch
+
+    # contract with inference / MONAI Label: best model is a raw state_dict with the plan beside it
+    best = torch.load(interrupted / "models" / "model.pt", weights_only=True)
+    assert all(isinstance(v, torch.Tensor) for v in best.values()) and "model" not in best
+    assert (interrupted / "models" / "plan.json").exists() and (interrupted / "eval" / "plan.json").exists()
+    assert set(a) >= {"model", "optimizer", "scheduler", "trainer", "plan", "best"}
+    assert a["plan"]["patch_size"] == [16, 16, 16]
+    assert (straight / "eval" / "training_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    leftovers = [p for p in (interrupted).rglob(".*.tmp*")]
+    assert not leftovers, f"temporary files left behind: {leftovers}"
+
+    # a finished run restarted with the same max_epochs trains nothing more
+    run_bundle("ct", **tiny_overrides("ct", ct_data, interrupted, max_epochs=2))
+    again = _latest(interrupted)
+    assert again["trainer"]["epoch"] == 2
+    assert all(torch.equal(again["model"][k], b["model"][k]) for k in b["model"])
+
+
+class _FakeValidator:
+    def __init__(self):
+        self.state = type("S", (), {"epoch": 0, "metrics": {}})()
+
+
+def test_early_stopping_and_best_tracking(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    validator = _FakeValidator()
+    scores = [0.5, 0.7, 0.6, 0.65, 0.69, 0.9]
+    manager = CheckpointManager(tmp_path / "models", tmp_path / "out", net, opt, validator=validator,
+                                plan={"labels": {"background": 0, "x": 1}}, patience=3)
+    trainer = Engine(lambda e, b: {"loss": 0.0})
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _validate(engine):  # registered before the manager, like ValidationHandler in the bundles
+        validator.state.epoch = engine.state.epoch
+        validator.state.metrics = {"val_mean_dice": scores[engine.state.epoch - 1]}
+
+    manager.attach(trainer)
+    trainer.run([0], max_epochs=len(scores))
+    assert trainer.state.epoch == 5  # epochs 3, 4, 5 did not beat 0.7
+    assert manager.best["epoch"] == 2 and math.isclose(manager.best["metric"], 0.7)
+    latest = torch.load(tmp_path / "out" / "checkpoint_latest.pt", weights_only=True)
+    assert latest["best"]["stale"] == 3 and latest["trainer"]["epoch"] == 5
+    assert (tmp_path / "models" / "plan.json").exists()
+
+
+def test_cropped_loss_for_valid_convolutions():
+    target = torch.arange(2 * 1 * 8 * 10, dtype=torch.float32).reshape(2, 1, 8, 10)
+    cropped = center_crop_to(target, (4, 6))
+    assert cropped.shape == (2, 1, 4, 6) and torch.equal(cropped, target[:, :, 2:6, 2:8])
+    with pytest.raises(ValueError, match="cannot centre-crop"):
+        center_crop_to(target, (9, 6))
+    seen = {}
+
+    class Probe(torch.nn.Module):
+        def forward(self, pred, tgt):
+            seen["shape"] = tuple(tgt.shape)
+            return pred.sum() * 0
+
+    CroppedLoss(Probe())(torch.zeros(2, 3, 4, 6), target)
+    assert seen["shape"] == (2, 1, 4, 6)
+
+
+def test_weight_map_loss_uses_the_weight_channel():
+    logits = torch.randn(1, 2, 6, 6)
+    label = torch.randint(0, 2, (1, 1, 10, 10)).float()
+    ones = torch.ones_like(label)
+    loss = WeightMapLoss()
+    plain = loss(logits, label)
+    assert torch.allclose(loss(logits, torch.cat([label, ones], 1)), plain)
+    assert torch.allclose(loss(logits, torch.cat([label, 3 * ones], 1)), 3 * plain)
+
+
+def test_locate_bundle(monkeypatch, tmp_path):
+    monkeypatch.chdir(BUNDLES.parent)
+    assert Path(locate_bundle("ct")) == BUNDLES / "ct"
+    monkeypatch.chdir(BUNDLES / "mri")  # zoo habit: run from inside the bundle
+    assert Path(locate_bundle("mri")) == BUNDLES / "mri"
+    monkeypatch.chdir(tmp_path)  # elsewhere: the clone medunet is installed from
+    assert Path(locate_bundle("cells2d")) == BUNDLES / "cells2d"
+    with pytest.raises(FileNotFoundError, match="--bundle_root"):
+        locate_bundle("no-such-bundle")
+
+
+def test_resolve_plan_overrides_and_writes(tmp_path):
+    plan = resolve_plan(BUNDLES / "ct" / "configs" / "plan.json", None, tmp_path,
+                        overrides={"patch_size": [16, 16, 16], "network": {"filters": [4, 8, 16, 32]}})
+    assert plan.patch_size == [16, 16, 16] and plan.network["name"] == "dynunet"
+    assert plan.network["filters"] == [4, 8, 16, 32] and "strides" in plan.network
+    assert (tmp_path / "plan.json").exists()
+    with pytest.raises(ValueError, match="no plan file"):
+        resolve_plan(tmp_path / "missing.json", None)
+
+
+def test_tracking_uri_default_and_params(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri(tmp_path) == "sqlite:///" + str(tmp_path.resolve() / "mlflow.db")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert default_tracking_uri(tmp_path) == "http://127.0.0.1:5999"
+    flat = flatten_params({"plan": {"network": {"name": "dynunet", "filters": [4, 8]}}, "lr": 0.01, "x y@": None})
+    assert flat == {"plan.network.name": "dynunet", "plan.network.filters": "[4, 8]", "lr": "0.01", "x y_": "null"}
+    assert os.environ["MLFLOW_TRACKING_URI"]
