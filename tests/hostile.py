@@ -430,6 +430,17 @@ def wrong_channel_count(img: Path, lbl: Path | None) -> Case:
 
 
 @_register(IMAGE_CASES)
+def tiny_volume(img: Path, lbl: Path | None) -> Case:
+    """A 3×3×3 volume of 0.4 mm voxels (1.2 mm across): a single voxel on a 2 mm plan grid, smaller
+    than any network's pooling depth. Segment it (padding, as a sliding window does) or refuse it clearly."""
+    image, _ = _phantom((3, 3, 3))
+    _save(np.round(image).astype(np.int16), good_affine((0.4, 0.4, 0.4)), img)
+    return Case("tiny_volume", img, img, r"too small|small|minimum|at least", frozenset({SEGMENT}),
+                outcome="either", label=None if lbl is None else _save(_phantom((3, 3, 3))[1],
+                                                                        good_affine((0.4, 0.4, 0.4)), lbl))
+
+
+@_register(IMAGE_CASES)
 def symlink_loop(img: Path, lbl: Path | None) -> Case:
     """``case.nii.gz`` → ``.loop.nii.gz`` → ``case.nii.gz``."""
     img.parent.mkdir(parents=True, exist_ok=True)

@@ -320,9 +320,8 @@ def write_nifti(
         img = nib.Nifti1Image(array, None, header=hdr)
         img.set_sform(header.get_sform(), code=int(header["sform_code"]))
         img.set_qform(header.get_qform(), code=int(header["qform_code"]))
-        if int(header["sform_code"]) == 0 and int(header["qform_code"]) == 0:
-            img.set_sform(affine, code=1)
-            img.set_qform(affine, code=1)
+        # Both codes 0 (no orientation info): stay so; readers derive the same fallback affine from the
+        # copied pixdim and the identical shape, so the label overlays the image in every viewer.
     else:
         img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
         img.set_sform(affine, code=1)
