@@ -67,7 +67,7 @@ def test_case_does_not_depend_on_number_of_cases():
 
 def test_ct_intensities_spacing_orientations_and_anatomy():
     cases = [generate_case("ct", i, seed=0, size="small") for i in range(8)]
-    axcodes, oblique = set(), 0
+    axcodes, oblique, visible = set(), 0, []
     for case in cases:
         hu, label = case.image.astype(np.float32), case.label
         assert case.image.dtype == np.int16 and label.shape == hu.shape
@@ -79,8 +79,8 @@ def test_ct_intensities_spacing_orientations_and_anatomy():
         for v in (1, 2, 3):
             organ = float(np.median(hu[label == v]))
             assert 40 < organ < 230, (v, organ)
-            visible = _visible_border(hu, label == v)
-            assert visible > 0.7, f"organ {v}: only {visible:.0%} of its border is visible in the intensities"
+            visible.append(_visible_border(hu, label == v))
+            assert visible[-1] > 0.6, f"organ {v}: only {visible[-1]:.0%} of its border is visible"
         sizes = [int((label == v).sum()) for v in (1, 2, 3)]
         assert sizes[0] > sizes[1] and sizes[0] > sizes[2], "the liver is the largest organ"
         spacing = sorted(np.linalg.norm(case.affine[:3, :3], axis=0))
@@ -91,6 +91,7 @@ def test_ct_intensities_spacing_orientations_and_anatomy():
         # left, kidneys posterior (−y) of the liver.
         liver, kidney, spleen = (_world_centroid(case, v) for v in (1, 2, 3))
         assert liver[0] > spleen[0] and kidney[1] < liver[1], (case.info, liver, spleen, kidney)
+    assert np.mean(visible) > 0.85, "organs stand out from their surroundings"
     assert len(axcodes) >= 3, axcodes
     assert oblique >= 1
     organ_sizes = [int((c.label == 1).sum()) for c in cases]

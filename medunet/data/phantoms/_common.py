@@ -49,8 +49,8 @@ def smooth_field(rng: np.random.Generator, shape: tuple[int, ...], nodes: int | 
     # two-stage upsampling: bicubic-like smoothness at a fraction of the cost of a cubic spline
     mid = tuple(max(2, min(int(s), 4 * int(n))) for s, n in zip(shape, nodes))
     t = F.interpolate(t, size=mid, mode="bicubic" if dims == 2 else "trilinear", align_corners=True)
-    t = F.interpolate(t, size=tuple(int(s) for s in shape), mode=mode, align_corners=True)
-    return (t[0, 0].numpy() * np.float32(amplitude)).astype(np.float32, copy=False)
+    t = F.interpolate(t * float(amplitude), size=tuple(int(s) for s in shape), mode=mode, align_corners=True)
+    return t[0, 0].numpy()
 
 
 def random_rotation(rng: np.random.Generator, max_degrees: float) -> np.ndarray:
@@ -117,17 +117,22 @@ class Blob:
             ``|R^T (p - c) / a| - 1 - wobble`` inside it (negative inside the blob).
         """
         region = axis_slices(coords, self.center, self.extent)
-        grids = np.meshgrid(*[c[s] - x0 for c, s, x0 in zip(coords, region, self.center)],
-                            indexing="ij", sparse=True)
-        q = 0.0
-        for k in range(3):
-            u = sum(self.rotation[j, k] * grids[j] for j in range(3))
-            q = q + (u / self.semi_axes[k]) ** 2
-        wobble = 0.0
+        # float32 throughout: these arrays can hold millions of voxels
+        grids = np.meshgrid(*[(c[s] - np.float32(x0)).astype(np.float32) for c, s, x0 in
+                              zip(coords, region, self.center)], indexing="ij", sparse=True)
+        q = np.float32(0.0)
+        for k in range(3):  # scale each rotated coordinate by 1/semi-axis, then sum the squares
+            w = self.rotation[:, k] / self.semi_axes[k]
+            u = grids[0] * np.float32(w[0]) + grids[1] * np.float32(w[1]) + grids[2] * np.float32(w[2])
+            q = q + u * u
+        level = np.sqrt(q, dtype=np.float32)
+        scale = np.float32(self.wave_amplitude / np.sqrt(len(self.wave_phases)))
         for vec, phase in zip(self.wave_vectors, self.wave_phases):
-            wobble = wobble + np.sin(sum(vec[j] * grids[j] for j in range(3)) + phase)
-        wobble = wobble * (self.wave_amplitude / np.sqrt(len(self.wave_phases)))
-        return region, (np.sqrt(q) - 1.0 - wobble).astype(np.float32)
+            arg = grids[0] * np.float32(vec[0]) + grids[1] * np.float32(vec[1]) + (grids[2] * np.float32(vec[2])
+                                                                                  + np.float32(phase))
+            level -= np.sin(arg) * scale
+        level -= np.float32(1.0)
+        return region, level
 
     def paint(self, target: np.ndarray, value, coords: list[np.ndarray], where: np.ndarray | None = None) -> None:
         """Set ``target`` to ``value`` inside the blob (and inside ``where`` when given)."""
