@@ -111,7 +111,7 @@ class PlanGrid:
         img = MetaTensor(x, affine=torch.as_tensor(affine4, dtype=torch.float64))
         with torch.no_grad():
             if orientation:
-                img = Orientation(axcodes=orientation, labels=None)(img)
+                img = Orientation(axcodes=orientation[:d], labels=None)(img)
             if target_spacing is not None:
                 img = Spacing(pixdim=[float(s) for s in target_spacing], mode=mode)(img)
         plan_affine = to_affine_nd(d, np.asarray(img.affine.cpu(), dtype=np.float64))

@@ -45,7 +45,7 @@ from medunet.io import (
 
 __all__ = [
     "Predictor", "Prediction", "SegmentResult", "collect_inputs", "resolve_plan", "summary_table",
-    "resolve_device", "output_paths", "nonzero_box",
+    "resolve_device", "output_paths", "nonzero_box", "nonzero_box_affine",
 ]
 
 
@@ -113,6 +113,9 @@ class Predictor:
         uncertainty: ``None``, ``"entropy"`` (normalised entropy of the mean probabilities) or
             ``"variance"`` (TTA variance; needs ``tta``).
         progress: tqdm bars over files and windows.
+        channels_last: run 3D windows in ``channels_last_3d`` memory format.
+        cpu_bf16: bfloat16 autocast on the CPU (fast on CPUs with AVX-512-BF16/AMX; on CUDA, AMP is
+            always on).
 
     Example:
         >>> predictor = Predictor.from_bundle("bundles/ct")
@@ -135,6 +138,7 @@ class Predictor:
         uncertainty: str | None = None,
         progress: bool = False,
         channels_last: bool = False,
+        cpu_bf16: bool = False,
     ) -> None:
         if uncertainty is not None and uncertainty not in UNCERTAINTY_KINDS:
             raise ValueError(f"uncertainty must be None or one of {UNCERTAINTY_KINDS}, got {uncertainty!r}")
@@ -149,7 +153,7 @@ class Predictor:
         self.progress = progress
         self.inferer = build_inferer(self.network, plan, roi_size=roi_size, overlap=overlap, mode=mode,
                                      sw_batch_size=sw_batch_size, device=self.device, progress=progress,
-                                     channels_last=channels_last)
+                                     channels_last=channels_last, cpu_bf16=cpu_bf16)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -199,7 +203,7 @@ class Predictor:
             label=label.reshape(out_shape), image=image,
             probabilities=probs.cpu().numpy().reshape((probs.shape[0], *out_shape)),
             uncertainty=unc.cpu().numpy().reshape(out_shape) if unc is not None else None,
-            seconds=time.perf_counter() - start, stats=dict(self.inferer.last_stats),
+            seconds=time.perf_counter() - start, stats=dict(getattr(self.inferer, "last_stats", {})),
         )
 
     def _to_channels_first(self, image: ImageData) -> torch.Tensor:
@@ -257,7 +261,8 @@ class Predictor:
             unc = full[k]
         else:
             unc = None
-        self.inferer.last_stats["plan_shape"] = grid.plan_shape
+        if isinstance(getattr(self.inferer, "last_stats", None), dict):
+            self.inferer.last_stats["plan_shape"] = grid.plan_shape
         return probs, unc
 
     def preprocess(self, x: torch.Tensor, affine: np.ndarray) -> tuple[torch.Tensor, PlanGrid, tuple[slice, ...]]:
@@ -268,10 +273,9 @@ class Predictor:
         """
         d = x.dim() - 1
         box = nonzero_box(x)
-        crop_affine = np.array(affine, dtype=np.float64, copy=True)
-        crop_affine[:3, 3] = affine[:3, 3] + affine[:3, :d] @ np.array([b.start for b in box], dtype=np.float64)
         xc = x[(slice(None), *box)]
-        xp, grid = PlanGrid.resample_image(xc, crop_affine, self.plan.orientation, self._target_spacing(d))
+        xp, grid = PlanGrid.resample_image(xc, nonzero_box_affine(affine, box), self.plan.orientation,
+                                           self._target_spacing(d))
         xp = normalize_intensity(xp, self.plan.normalization)
         return xp, grid, box
 
@@ -377,6 +381,15 @@ def nonzero_box(x: torch.Tensor) -> tuple[slice, ...]:
         hits = torch.nonzero(mask.any(dim=other) if other else mask).flatten()
         box.append(slice(int(hits[0]), int(hits[-1]) + 1))
     return tuple(box)
+
+
+def nonzero_box_affine(affine: np.ndarray, box: Sequence[slice]) -> np.ndarray:
+    """The 4×4 affine of the sub-grid ``box`` (slices starting at voxel ``start``) of an image."""
+    affine = np.asarray(affine, dtype=np.float64)
+    out = affine.copy()
+    start = np.array([b.start or 0 for b in box], dtype=np.float64)
+    out[:3, 3] = affine[:3, 3] + affine[:3, : len(box)] @ start
+    return out
 
 
 def output_paths(path: str | os.PathLike, out_dir: str | os.PathLike, probabilities: bool = False,

@@ -105,8 +105,9 @@ class TiledInferer(Inferer):
         device: where the network runs and outputs accumulate (default: the network's device).
         skip_constant: reuse the output of a constant-valued window for all windows of that value.
         progress: show a tqdm bar over windows.
-        amp: autocast on CUDA (default True there; ignored on CPU).
+        amp: autocast (float16) on CUDA.
         channels_last: run 3D tiles in ``channels_last_3d`` memory format.
+        cpu_bf16: bfloat16 autocast on the CPU.
     """
 
     def __init__(
@@ -121,6 +122,7 @@ class TiledInferer(Inferer):
         progress: bool = False,
         amp: bool = True,
         channels_last: bool = False,
+        cpu_bf16: bool = False,
     ) -> None:
         super().__init__()
         if not 0.0 <= float(overlap) < 1.0:
@@ -137,6 +139,7 @@ class TiledInferer(Inferer):
         self.progress = progress
         self.amp = amp
         self.channels_last = channels_last
+        self.cpu_bf16 = cpu_bf16
         self.last_stats: dict = {}
 
     # -- layout -----------------------------------------------------------------------------------
@@ -257,8 +260,11 @@ class TiledInferer(Inferer):
     def _run(self, network, batch: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.channels_last and batch.dim() == 5:
             batch = batch.contiguous(memory_format=torch.channels_last_3d)
-        use_amp = self.amp and batch.device.type == "cuda"
-        with torch.autocast("cuda", enabled=use_amp):
+        if batch.device.type == "cuda":
+            autocast = torch.autocast("cuda", enabled=self.amp)
+        else:
+            autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16)
+        with autocast:
             result = network(batch, *args, **kwargs)
         if isinstance(result, (tuple, list)):
             result = result[0]

@@ -1,0 +1,254 @@
+"""Inference speed: medunet's Predictor against MONAI's sliding_window_inference, on CPU, one process.
+
+A CT phantom (~256×256×160 voxels after resampling) is segmented by the ``bundles/ct`` network with
+weights trained on CT phantoms (trained here, briefly, when ``--workdir`` holds no checkpoint yet):
+
+* baseline: MONAI's ``SlidingWindowInferer`` at the model-zoo settings (roi 96³, overlap 0.5,
+  gaussian, sw_batch_size 4);
+* medunet: :class:`medunet.inference.Predictor` in several configurations.
+
+Both go through the same preprocessing (training's reorientation/resampling/normalisation) and the same
+way back to the input grid, so only the windowing differs. For each it prints wall time, peak RSS
+increase, label agreement with the baseline (Dice over classes), Dice against the ground truth, and the
+network's achieved GFLOP/s against a conv3d roofline measured here. The last line is
+``speedup_vs_monai=X.XX agreement_dice=Y.YYY`` for the default Predictor configuration.
+
+Usage: ``.venv/bin/python scripts/bench_inference.py [--workdir DIR] [--train-seconds 300] [--quick]``.
+Timings on a shared machine vary with the load: the ratio (same process, back to back) is what counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.inferers import SlidingWindowInferer
+from torch.utils.flop_counter import FlopCounterMode
+
+from medunet.data import Plan
+from medunet.data.phantoms import generate_case
+from medunet.inference import PlanGrid, Predictor, nonzero_box_affine
+from medunet.io import ImageData, load_checkpoint, save_checkpoint, write_nifti
+
+REPO = Path(__file__).resolve().parents[1]
+BUNDLE_PLAN = REPO / "bundles" / "ct" / "configs" / "plan.json"
+PHANTOM_SHAPE = (256, 256, 64)  # stored grid; resampled to ~256×256×160
+RESAMPLED_Z = 160
+BENCH_CASE = 1000  # phantom index of the benchmark volume (training uses 0…n-1)
+
+
+# --------------------------------------------------------------------------------------------------
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled every 20 ms), in MiB."""
+
+    def __enter__(self):
+        self.start = self.peak = _rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, _rss_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_mib())
+
+    @property
+    def increase(self) -> float:
+        return self.peak - self.start
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def dice(a: np.ndarray, b: np.ndarray, classes) -> float:
+    """Mean Dice over ``classes`` (a class absent from both counts as 1)."""
+    scores = []
+    for c in classes:
+        x, y = a == c, b == c
+        denom = x.sum() + y.sum()
+        scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(x, y).sum() / denom)
+    return float(np.mean(scores))
+
+
+def conv3d_roofline(dtype=torch.float32, channels=32, size=64, repeats=3) -> float:
+    """Best GFLOP/s of a 3×3×3 conv3d (``channels``→``channels``, ``size``³) on this CPU."""
+    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).eval()
+    x = torch.randn(1, channels, size, size, size)
+    flops = 2.0 * channels * channels * 27 * size**3
+    best = float("inf")
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        conv(x)
+        for _ in range(repeats):
+            t = time.perf_counter()
+            conv(x)
+            best = min(best, time.perf_counter() - t)
+    return flops / best / 1e9
+
+
+def forward_flops(network: torch.nn.Module, shape) -> float:
+    """FLOPs of one forward pass on a ``(1, 1, *shape)`` input."""
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        network(torch.zeros(1, 1, *shape))
+    return float(counter.get_total_flops())
+
+
+# --------------------------------------------------------------------------------------------------
+def bench_plan(spacing) -> Plan:
+    """The bundle's plan (network, labels, normalisation) with a spacing giving ~256×256×160 voxels."""
+    plan = Plan.load(BUNDLE_PLAN)
+    data = plan.to_dict()
+    data["target_spacing"] = [float(spacing[0]), float(spacing[1]),
+                              float(spacing[2]) * PHANTOM_SHAPE[2] / RESAMPLED_Z]
+    data["patch_size"] = [64, 64, 32]
+    return Plan.from_dict(data)
+
+
+def preprocess_case(case, plan: Plan, predictor: Predictor):
+    """(image (1, *S), label (1, *S) uint8) in plan space, as training sees them."""
+    from medunet.data.cached import CachedCase
+
+    x = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None]
+    image, grid, box = predictor.preprocess(x, case.affine)
+    label = torch.from_numpy(np.asarray(case.label, dtype=np.float32))[None][(slice(None), *box)]
+    lab, _ = PlanGrid.resample_image(label, nonzero_box_affine(case.affine, box), plan.orientation,
+                                     plan.target_spacing, mode="nearest")
+    return CachedCase(case_id=str(case.info.get("axcodes")), image=image, label=lab.round().to(torch.uint8),
+                      image_path="", label_path="", spacing=grid.plan_spacing)
+
+
+def train(plan: Plan, workdir: Path, seconds: float, cases: int, log) -> Path:
+    """Train the bundle network on CT phantoms with the engines' recipe; save {"model", "plan"}."""
+    from medunet.data.cached import AugmentConfig, PatchSampler
+    from medunet.engines.recipes import DeepSupervisionDiceCE, RecipeConfig, train_recipe
+
+    network = plan.build_network()
+    predictor = Predictor(network, plan, device="cpu")
+    t = time.perf_counter()
+    cached = [preprocess_case(generate_case("ct", i, seed=0, size=PHANTOM_SHAPE), plan, predictor)
+              for i in range(cases)]
+    log(f"prepared {cases} training phantoms in {time.perf_counter() - t:.1f}s "
+        f"(shapes {[c.spatial_shape for c in cached]})")
+    sampler = PatchSampler(cached, plan.patch_size, batch_size=2, augment=AugmentConfig(), seed=0)
+    config = RecipeConfig(lr=3e-3, time_budget_s=seconds, eval_interval_s=max(seconds / 4, 30), warmup_iterations=20)
+    train_recipe(network, sampler, DeepSupervisionDiceCE(), config, log=log)
+    path = workdir / "model.pt"
+    save_checkpoint({"model": network.state_dict(), "plan": plan.to_dict()}, path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/medunet/bench_inference"))
+    ap.add_argument("--train-seconds", type=float, default=300.0)
+    ap.add_argument("--train-cases", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    ap.add_argument("--quick", action="store_true", help="only the baseline and the default configuration")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    log(f"load: {os.getloadavg()} | cores {os.cpu_count()} | torch threads {torch.get_num_threads()} | "
+        f"torch {torch.__version__}")
+    case = generate_case("ct", BENCH_CASE, seed=0, size=PHANTOM_SHAPE)
+    plan = bench_plan(case.info["spacing"])
+    ckpt = workdir / "model.pt"
+    if ckpt.exists() and load_checkpoint(ckpt).get("plan") == plan.to_dict():
+        log(f"using trained weights {ckpt}")
+    else:
+        log(f"no trained checkpoint in {workdir}: training the bundles/ct network for {args.train_seconds:.0f}s")
+        ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log)
+    path = workdir / "bench_ct.nii.gz"
+    write_nifti(case.image, case.affine, path, dtype=np.int16)
+    image_data = ImageData(array=np.asarray(case.image, dtype=np.float32), affine=np.asarray(case.affine),
+                           path=str(path))
+    truth = np.asarray(case.label)
+    classes = range(1, plan.out_channels)
+
+    def make(**kw) -> Predictor:
+        return Predictor.from_bundle(None, ckpt, device="cpu", **kw)
+
+    baseline = make()
+    baseline.inferer = SlidingWindowInferer(roi_size=(96, 96, 96), sw_batch_size=4, overlap=0.5, mode="gaussian")
+    configs = {"medunet segment defaults": {}}
+    if not args.quick:
+        configs = {
+            "roi=patch 64x64x32, overlap 0.25": {"roi_size": (64, 64, 32), "overlap": 0.25},
+            "roi=96^3, overlap 0.25 (as MONAI, less overlap)": {"roi_size": (96, 96, 96), "overlap": 0.25},
+            "roi=128x128x64, overlap 0.25": {"roi_size": (128, 128, 64), "overlap": 0.25},
+            "whole volume, one pass": {"roi_size": (512, 512, 512)},
+            "roi=128x128x64, overlap 0.25, channels_last": {"roi_size": (128, 128, 64), "overlap": 0.25,
+                                                          "channels_last": True},
+            "roi=128x128x64, overlap 0.25, bf16": {"roi_size": (128, 128, 64), "overlap": 0.25, "cpu_bf16": True},
+            **configs,
+        }
+    grid = PlanGrid.for_image(case.affine, truth.shape, plan.orientation, plan.target_spacing)
+    log(f"benchmark volume: stored {truth.shape} at {tuple(round(s, 3) for s in case.info['spacing'])} mm "
+        f"({case.info['axcodes']}{', oblique' if case.info['oblique'] else ''}) -> plan grid {grid.plan_shape}")
+    roof32, roof16 = conv3d_roofline(), conv3d_roofline(torch.bfloat16)
+    log(f"conv3d roofline (32->32 ch, 3^3, 64^3): float32 {roof32:.1f} GFLOP/s, bfloat16 {roof16:.1f} GFLOP/s")
+
+    def run(name: str, predictor: Predictor) -> dict:
+        with PeakRSS() as rss:
+            pred = predictor.predict_image(image_data)
+        stats = pred.stats
+        if isinstance(predictor.inferer, SlidingWindowInferer):
+            shape = grid.plan_shape
+            n = int(np.prod([max(1, int(np.ceil((s - 96) / 48)) + 1) for s in shape]))
+            flops = forward_flops(predictor.network, (96, 96, 96)) * n
+        else:
+            flops = forward_flops(predictor.network, stats["tile_in"]) * stats["computed"]
+            n = stats["windows"]
+        row = {"name": name, "seconds": pred.seconds, "rss_mib": rss.increase, "windows": n,
+               "gflops": flops / 1e9, "label": pred.label, "gt_dice": dice(pred.label, truth, classes)}
+        log(f"  {name:<52} {pred.seconds:7.2f}s  +{rss.increase:6.0f} MiB  windows {n:4d}  "
+            f"{flops / 1e9 / pred.seconds:6.1f} GFLOP/s  GT Dice {row['gt_dice']:.4f}")
+        return row
+
+    log("running (wall time, peak RSS increase, windows, achieved GFLOP/s, Dice vs ground truth):")
+    base = run("MONAI sliding_window_inference (96^3, 0.5, sw4)", baseline)
+    rows = []
+    for name, kw in configs.items():
+        row = run(name, make(**kw))
+        row["agreement"] = dice(row["label"], base["label"], classes)
+        row["speedup"] = base["seconds"] / row["seconds"]
+        rows.append(row)
+    log("")
+    log(f"{'configuration':<52} {'time s':>7} {'speedup':>8} {'agree':>7} {'GT Dice':>8} {'dDice':>7}")
+    log(f"{base['name']:<52} {base['seconds']:7.2f} {1.0:8.2f} {1.0:7.3f} {base['gt_dice']:8.4f} {0.0:+7.4f}")
+    for r in rows:
+        log(f"{r['name']:<52} {r['seconds']:7.2f} {r['speedup']:8.2f} {r['agreement']:7.3f} {r['gt_dice']:8.4f} "
+            f"{r['gt_dice'] - base['gt_dice']:+7.4f}")
+    final = rows[-1]
+    summary = {k: v for k, v in final.items() if k != "label"}
+    (workdir / "last_result.json").write_text(json.dumps(
+        {"baseline_s": base["seconds"], "baseline_gt_dice": base["gt_dice"], **summary,
+         "load": os.getloadavg()}, indent=2, default=float))
+    log(f"load after: {os.getloadavg()}")
+    print(f"speedup_vs_monai={final['speedup']:.2f} agreement_dice={final['agreement']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

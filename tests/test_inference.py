@@ -1,0 +1,224 @@
+"""Tiled inference (overlap-tile, gaussian sliding window), TTA, uncertainty, postprocessing, Predictor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from medunet import networks
+from medunet.data import Plan
+from medunet.inference import (
+    Predictor,
+    TiledInferer,
+    build_inferer,
+    entropy_map,
+    keep_largest_component,
+    mirror_combinations,
+    mirror_pad,
+    predict_probabilities,
+)
+from medunet.inference import sliding as sliding_module
+
+
+def _valid_unet(dims: int) -> torch.nn.Module:
+    return networks.create("unet2015", spatial_dims=dims, features=(4, 8, 16), padding="valid", dropout=0.0).eval()
+
+
+def _full_pass(net, x):
+    """One pass over the whole image, mirrored by the margin and padded up to a valid size."""
+    shape = tuple(x.shape[2:])
+    margin = net.input_margin()
+    full = net.valid_input_shape([s + 2 * m for s, m in zip(shape, margin)], "up")
+    padded = mirror_pad(x, margin, [f - s - m for f, s, m in zip(full, shape, margin)])
+    return net(padded)[(..., *[slice(0, s) for s in shape])]
+
+
+@pytest.mark.parametrize("dims,shape,roi", [
+    (2, (150, 97), (100, 100)),       # several tiles per axis
+    (2, (20, 13), (100, 100)),        # image much smaller than one tile: mirrored many times
+    (3, (30, 26, 20), (60, 60, 60)),  # 3D
+])
+def test_overlap_tile_equals_one_full_image_pass(dims, shape, roi):
+    net = _valid_unet(dims)
+    x = torch.randn(1, 1, *shape)
+    inferer = TiledInferer(roi_size=roi)
+    with torch.inference_mode():
+        tiled = inferer(x, net)
+        full = _full_pass(net, x)
+    assert tiled.shape == (1, 2, *shape)
+    assert inferer.last_stats["valid"] and all(m > 0 for m in inferer.last_stats["margin"])
+    if dims == 2 and shape[0] > roi[0]:
+        assert inferer.last_stats["windows"] > 1
+    torch.testing.assert_close(tiled, full, atol=1e-4, rtol=1e-4)
+
+
+def test_mirror_pad_reflects_without_repeating_the_edge():
+    x = torch.arange(4.0).reshape(1, 1, 4)
+    assert mirror_pad(x, [2], [3]).flatten().tolist() == [2, 1, 0, 1, 2, 3, 2, 1, 0]
+    assert mirror_pad(x, [5], [0]).flatten().tolist()[:6] == [1, 2, 3, 2, 1, 0]  # repeated mirroring
+
+
+def test_same_network_window_covering_the_image_equals_a_direct_pass():
+    net = networks.create("unet", spatial_dims=3, **networks.get_spec("unet").tiny_options).eval()
+    x = torch.randn(1, 1, 16, 12, 8)
+    with torch.inference_mode():
+        out = build_inferer(net, roi_size=(32, 32, 32))(x, net)
+        ref = net(x)
+    torch.testing.assert_close(out, ref)
+
+
+def test_sliding_window_blends_many_windows_to_the_right_shape():
+    net = networks.create("unet", spatial_dims=3, **networks.get_spec("unet").tiny_options).eval()
+    x = torch.randn(2, 1, 20, 14, 9)
+    inferer = build_inferer(net, roi_size=(8, 8, 8), overlap=0.5, sw_batch_size=4)
+    with torch.inference_mode():
+        out = inferer(x, net)
+    assert out.shape == (2, 2, 20, 14, 9)
+    assert torch.isfinite(out).all()
+    assert inferer.last_stats["windows"] == 4 * 3 * 2
+
+
+def test_constant_windows_are_reused_exactly():
+    net = networks.create("unet", spatial_dims=3, **networks.get_spec("unet").tiny_options).eval()
+    x = torch.full((1, 1, 40, 40, 8), -1.5)
+    x[..., 16:24, 16:24, :] = torch.randn(8, 8, 8)
+    reuse = build_inferer(net, roi_size=(8, 8, 8), overlap=0.0, skip_constant=True)
+    compute = build_inferer(net, roi_size=(8, 8, 8), overlap=0.0, skip_constant=False)
+    with torch.inference_mode():
+        a, b = reuse(x, net), compute(x, net)
+    assert reuse.last_stats["reused"] > 0 and compute.last_stats["reused"] == 0
+    assert torch.equal(a, b)
+
+
+def test_cpu_aggregation_fallback_when_the_device_is_short_of_memory(monkeypatch):
+    real_zeros = torch.zeros
+    calls = {"n": 0}
+
+    def failing_zeros(*args, **kwargs):
+        if kwargs.get("device") is not None and calls["n"] == 0:
+            calls["n"] += 1
+            raise torch.OutOfMemoryError("simulated")
+        return real_zeros(*args, **kwargs)
+
+    monkeypatch.setattr(sliding_module.torch, "zeros", failing_zeros)
+    net = networks.create("unet", spatial_dims=2, **networks.get_spec("unet").tiny_options).eval()
+    inferer = build_inferer(net, roi_size=(8, 8))
+    with torch.inference_mode():
+        out = inferer(torch.randn(1, 1, 20, 12), net)
+    assert inferer.last_stats["cpu_aggregation"] and out.shape == (1, 2, 20, 12)
+
+
+def test_build_inferer_uses_the_plan_patch_and_fits_it_to_the_network():
+    plan = Plan(patch_size=[20, 20, 12], network={"name": "unet", **networks.get_spec("unet").tiny_options})
+    net = plan.build_network().eval()
+    inferer = build_inferer(net, plan)
+    lay = inferer.layout(net, (50, 50, 30))
+    assert lay["tile_in"] == (20, 20, 12) and not lay["valid"]
+
+
+# -- TTA and uncertainty ----------------------------------------------------------------------------
+class Pointwise(torch.nn.Module):
+    """Flip-equivariant (pointwise) 2-class network."""
+
+    def forward(self, x):
+        return torch.cat([torch.zeros_like(x[:, :1]), 3 * x[:, :1]], dim=1)
+
+
+def test_mirror_combinations():
+    assert len(mirror_combinations(3)) == 8 and mirror_combinations(3)[0] == ()
+    assert len(mirror_combinations(2)) == 4
+    assert mirror_combinations(3, axes=(0, 1)) == [(), (0,), (1,), (0, 1)]
+
+
+def test_tta_flips_back_correctly():
+    x = torch.randn(1, 1, 9, 7, 5)
+    # a pointwise net commutes with flips: TTA must give exactly the plain prediction
+    plain, _ = predict_probabilities(Pointwise(), x)
+    tta, var = predict_probabilities(Pointwise(), x, tta=True, with_variance=True)
+    assert tta.shape == plain.shape == (1, 2, 9, 7, 5)
+    torch.testing.assert_close(tta, plain)
+    assert float(var.max()) < 1e-5
+    # a net that is not flip-equivariant: TTA is the mean of the flipped-back predictions
+    conv = torch.nn.Conv3d(1, 3, 3, padding=1).eval()
+    with torch.no_grad():
+        tta, _ = predict_probabilities(conv, x, tta=True)
+        manual = sum(torch.softmax(conv(x.flip(dims)), 1).flip(dims) if dims else torch.softmax(conv(x), 1)
+                     for dims in ([a + 2 for a in c] for c in mirror_combinations(3))) / 8
+    torch.testing.assert_close(tta, manual)
+
+
+def test_uncertainty_maps_are_in_unit_range():
+    p = torch.softmax(torch.randn(4, 10, 10) * 3, dim=0)
+    h = entropy_map(p, dim=0)
+    assert h.shape == (10, 10) and float(h.min()) >= 0 and float(h.max()) <= 1
+    assert float(entropy_map(torch.full((4, 3), 0.25), dim=0).min()) == pytest.approx(1.0)
+    certain = torch.zeros(3, 5)
+    certain[1] = 1
+    assert float(entropy_map(certain, dim=0).max()) < 1e-6
+    conv = torch.nn.Conv2d(1, 3, 3, padding=1).eval()
+    with torch.no_grad():
+        _, var = predict_probabilities(conv, torch.randn(1, 1, 12, 12), tta=True, with_variance=True)
+    assert var.shape == (1, 12, 12) and float(var.min()) >= 0 and float(var.max()) <= 1
+
+
+def test_keep_largest_component_per_class():
+    label = np.zeros((12, 12), np.uint8)
+    label[1:5, 1:5] = 1   # big 1
+    label[8, 8] = 1       # small 1
+    label[1:3, 8:11] = 2  # big 2
+    label[10, 1] = 2      # small 2
+    out = keep_largest_component(label)
+    assert out.dtype == np.uint8 and out.shape == label.shape
+    assert out[8, 8] == 0 and out[10, 1] == 0
+    assert (out == 1).sum() == 16 and (out == 2).sum() == 6
+
+
+# -- Predictor ---------------------------------------------------------------------------------------
+def _plan_2d_valid() -> Plan:
+    return Plan(spatial_dims=2, modality="microscopy", patch_size=[100, 100], target_spacing=None,
+                normalization={"scheme": "zscore", "nonzero": False},
+                network={"name": "unet2015", "features": [4, 8, 16], "padding": "valid", "dropout": 0.0})
+
+
+def test_predictor_2d_valid_network_on_an_image_of_any_size():
+    from medunet.io import ImageData
+
+    plan = _plan_2d_valid()
+    predictor = Predictor(plan.build_network(), plan, device="cpu", tta=True, uncertainty="variance")
+    image = ImageData(array=np.random.default_rng(0).normal(size=(83, 51)).astype(np.float32),
+                      affine=np.eye(4), path="mem.png", source="2d")
+    pred = predictor.predict_image(image)
+    assert pred.label.shape == (83, 51) and pred.label.dtype == np.uint8
+    assert pred.probabilities.shape == (2, 83, 51)
+    np.testing.assert_allclose(pred.probabilities.sum(0), 1.0, atol=1e-5)
+    assert 0 <= pred.uncertainty.min() and pred.uncertainty.max() <= 1
+    assert pred.stats["valid"]
+
+
+def test_predictor_2d_model_on_a_volume_goes_slice_by_slice():
+    from medunet.io import ImageData
+
+    plan = _plan_2d_valid()
+    plan.normalization = {"scheme": "none"}  # z-score would use the whole volume's statistics
+    predictor = Predictor(plan.build_network(), plan, device="cpu")
+    vol = np.random.default_rng(1).normal(size=(40, 30, 3)).astype(np.float32)
+    pred = predictor.predict_image(ImageData(array=vol, affine=np.diag([0.5, 0.5, 2.0, 1.0]), path="v.nii"))
+    assert pred.label.shape == (40, 30, 3)
+    # each slice on its own gives the same answer
+    one = predictor.predict_image(ImageData(array=vol[..., 1:2], affine=np.diag([0.5, 0.5, 2.0, 1.0]), path="s.nii"))
+    np.testing.assert_allclose(pred.probabilities[..., 1], one.probabilities[..., 0], atol=1e-4)
+
+
+def test_predictor_rejects_wrong_channels_and_dimensions():
+    from medunet.io import ImageData, InputError
+
+    plan = Plan(patch_size=[16, 16, 16], network={"name": "unet", **networks.get_spec("unet").tiny_options})
+    predictor = Predictor(plan.build_network(), plan, device="cpu")
+    with pytest.raises(InputError, match="channel"):
+        predictor.predict_image(ImageData(array=np.zeros((8, 8, 8, 2), np.float32), affine=np.eye(4), path="a.nii"))
+    with pytest.raises(InputError, match="2D image"):
+        predictor.predict_image(ImageData(array=np.zeros((8, 8), np.float32), affine=np.eye(4), path="b.png",
+                                          source="2d"))
+    with pytest.raises(ValueError, match="variance"):
+        Predictor(plan.build_network(), plan, device="cpu", uncertainty="variance")
