@@ -34,3 +34,24 @@ format: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache demo_output *.egg-info
+
+# --- MONAI Label (issue 6) ---------------------------------------------------------------------------
+# The label server runs in its own venv: monailabel needs a real torchvision, which does not import
+# beside the CPU torch 2.13.0 of .venv. scripts/setup_label_env.sh installs torch 2.14.1 + torchvision
+# 0.29.1 (local disk), monailabel 0.8.5 (--no-deps + its runtime deps) and medunet (editable).
+LABEL_VENV  := .venv-label
+LABEL_STAMP := $(LABEL_VENV)/.installed
+
+.PHONY: label test-label clean-label
+
+label: $(LABEL_STAMP)
+
+$(LABEL_STAMP): scripts/setup_label_env.sh pyproject.toml
+	PYTHON=$(PYTHON) bash scripts/setup_label_env.sh $(LABEL_VENV)
+
+# real server on 127.0.0.1; MEDUNET_REQUIRE_LABEL=1 turns a missing .venv-label into a failure
+test-label: venv label
+	MEDUNET_REQUIRE_LABEL=1 $(PY) -m pytest -q -m label tests/test_label_server.py $(PYTEST_ARGS)
+
+clean-label:
+	rm -rf $(LABEL_VENV)
