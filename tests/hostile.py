@@ -694,18 +694,25 @@ def write_dataset(root: Path, good: int = 2, bad: list[str] = (), modality: str 
     root = Path(root)
     (root / "imagesTr").mkdir(parents=True, exist_ok=True)
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
-    training, cases = [], {}
+    training = []
     for i in range(good):
         img = write_good_image(root / "imagesTr" / f"good_{i:03d}.nii.gz", seed=i)
         lbl = write_good_label(root / "labelsTr" / f"good_{i:03d}.nii.gz", seed=i)
         training.append({"image": f"./imagesTr/{img.name}", "label": f"./labelsTr/{lbl.name}"})
-    for name in bad:
-        cid = f"bad_{name}"
-        case = make_case(name, root / "imagesTr" / f"{cid}.nii.gz", root / "labelsTr" / f"{cid}.nii.gz")
-        cases[name] = case
-        training.append({"image": f"./imagesTr/{case.path.name}", "label": f"./labelsTr/{cid}.nii.gz"})
     meta = {"name": "hostile", "description": "reliability test dataset", "tensorImageSize": "3D",
             "modality": {"0": modality}, "labels": GOOD_LABELS, "numTraining": len(training), "numTest": 0,
             "training": training, "test": []}
     (root / "dataset.json").write_text(json.dumps(meta, indent=2))
-    return cases
+    return {name: inject_case(root, name) for name in bad}
+
+
+def inject_case(root: Path, name: str) -> Case:
+    """Add hostile case ``name`` (id ``bad_<name>``) to the MSD dataset at ``root`` and its dataset.json."""
+    root = Path(root)
+    cid = f"bad_{name}"
+    case = make_case(name, root / "imagesTr" / f"{cid}.nii.gz", root / "labelsTr" / f"{cid}.nii.gz")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"].append({"image": f"./imagesTr/{case.path.name}", "label": f"./labelsTr/{cid}.nii.gz"})
+    meta["numTraining"] = len(meta["training"])
+    (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return case

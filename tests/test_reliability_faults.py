@@ -181,3 +181,20 @@ def test_checkpoints_written_by_medunet_load_weights_only(tmp_path):
     for a, b in zip(net.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
     assert np.isfinite(obj["optimizer"]["param_groups"][0]["lr"])
+
+
+def test_atomic_outputs_get_normal_permissions(tmp_path):
+    """Temp-file writes must not leave outputs 0600 (mkstemp's mode): colleagues must read the labels."""
+    from medunet.io import save_checkpoint, write_nifti
+
+    old = os.umask(0o022)
+    try:
+        a = write_nifti(np.zeros((4, 4, 4)), np.eye(4), tmp_path / "a_seg.nii.gz")
+        b = save_checkpoint({"w": torch.zeros(2)}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(a).st_mode & 0o777) == oct(0o644)
+    assert oct(os.stat(b).st_mode & 0o777) == oct(0o644)
+    os.chmod(a, 0o640)  # replacing a file keeps the mode its owner chose
+    write_nifti(np.ones((4, 4, 4)), np.eye(4), a)
+    assert oct(os.stat(a).st_mode & 0o777) == oct(0o640)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+
+_UMASK = os.umask(0o022)  # read the process umask once (setting it is the only way to read it)
+os.umask(_UMASK)
 
 
 def _split_suffix(name: str) -> tuple[str, str]:
@@ -70,6 +74,8 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
         yield tmp
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes 0600 files; give the result the mode a plain open() would (or the replaced file's)
+        os.chmod(tmp, stat.S_IMODE(final.stat().st_mode) if final.exists() else 0o666 & ~_UMASK)
         os.replace(tmp, final)
     finally:
         with contextlib.suppress(FileNotFoundError):
