@@ -165,3 +165,17 @@ def test_datasets_cache_choice_and_loader(ct_dir, ct_plan, tmp_path):
     assert any((tmp_path / "c").iterdir())  # persistent cache written
     with pytest.raises(ValueError, match="cache_dir"):
         make_dataset(items, t, cache="persistent")
+
+
+def test_valid_convolution_plans_mirror_pad(tmp_path):
+    cells = generate_dataset("cells", tmp_path / "cells", cases=1, seed=0, size="small", test_cases=0)
+    item = load_datalist(cells)[0]
+    valid = plan_dataset(cells, spatial_dims=2, network="unet2015")  # output must cover the planned tile
+    assert valid.build_network().output_shape(valid.patch_size)[0] >= valid.median_shape[0]
+    same = Plan(**{**valid.to_dict(), "network": {"name": "unet2015", "padding": "same"}})
+    zero_fraction = {}
+    for name, plan in (("valid", valid), ("same", same)):
+        t = train_transforms(plan, augment=False)
+        t.set_random_state(0)
+        zero_fraction[name] = float((t(item)[0]["image"] == 0).float().mean())
+    assert zero_fraction["valid"] < 0.01 < 0.5 < zero_fraction["same"]

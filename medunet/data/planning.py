@@ -410,16 +410,21 @@ def plan_dataset(
     if network == "dynunet":
         net_options.update({"kernel_size": kernels, "strides": strides, "filters": filters})
     else:
+        net_patch = list(patch)
         patch = _round_for_network(network, spatial_dims, in_channels, out_channels, patch, net_options)
 
     normalization = _normalization(fp)
     modality = _modality_name(fp)
     summary = {k: v for k, v in fp.items() if k != "cases"}
     summary["cases"] = fp["cases"]
-    summary["estimate"] = {"memory_mb": round(cost(patch, strides, kernels, filters, batch)[0], 1),
-                           "gflops_per_step": round(cost(patch, strides, kernels, filters, batch)[1], 2),
+    # for other networks the budget was applied to the DynUNet-equivalent of the patch (their own cost
+    # differs: e.g. unet2015 has 64…1024 filters); the estimate says which
+    est_patch = patch if network == "dynunet" else net_patch
+    mem, flops = cost(est_patch, strides, kernels, filters, batch)
+    summary["estimate"] = {"memory_mb": round(mem, 1), "gflops_per_step": round(flops, 2),
                            "memory_budget_mb": mem_budget, "gflops_budget": flop_budget,
-                           "device": "gpu" if gpu else "cpu"}
+                           "device": "gpu" if gpu else "cpu",
+                           "basis": "dynunet" if network == "dynunet" else f"dynunet-equivalent of {network}"}
     if spatial_dims == 2 and data_dims == 3:
         summary["slice_axis"] = 2
     return Plan(
@@ -431,14 +436,19 @@ def plan_dataset(
 
 
 def _round_for_network(name: str, dims: int, cin: int, cout: int, patch: list[int], options: dict) -> list[int]:
-    """Round ``patch`` up to a size network ``name`` (default options) accepts."""
+    """Round ``patch`` up to an input size network ``name`` (default options) accepts; for networks with
+    valid convolutions (``unet2015``) the input grows by the margin so the output covers ``patch``."""
     from medunet import networks
 
     if name == "unetr":
         options["img_size"] = list(patch)
     net = networks.create(name, spatial_dims=dims, in_channels=cin, out_channels=cout,
                           **{k: v for k, v in options.items() if k != "name"})
-    return [int(s) for s in net.valid_input_shape(patch, mode="up")]
+    shape = net.valid_input_shape(patch, mode="up")
+    margin = net.input_margin(shape)
+    if any(margin):  # valid convolutions: the patch is the input, so its output must still cover `patch`
+        shape = net.valid_input_shape([p + 2 * m for p, m in zip(patch, margin)], mode="up")
+    return [int(s) for s in shape]
 
 
 def _modality_name(fp: dict) -> str:
@@ -486,7 +496,7 @@ def format_plan(plan: Plan) -> str:
         budget = f"{est.get('memory_budget_mb')} MB" + (f", {est['gflops_budget']} GFLOP" if est.get("gflops_budget")
                                                        else "")
         rows.append(("estimate per step", f"{est.get('memory_mb')} MB, {est.get('gflops_per_step')} GFLOP "
-                                          f"({est.get('device')}; budget {budget})"))
+                                          f"({est.get('device')}; budget {budget}; {est.get('basis', 'dynunet')})"))
     rows.append(("fingerprint time", f"{fp.get('seconds', '?')} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -57,7 +57,7 @@ from medunet.io import InputError, is_2d_image, is_nifti, read_image
 
 __all__ = [
     "MedunetReader", "LoadMedunetImaged", "NormalizeIntensityPland", "AddSliceAxisd", "Orientationd", "train_transforms", "val_transforms",
-    "infer_transforms", "nonzero_region", "slice_axis",
+    "infer_transforms", "nonzero_region", "slice_axis", "uses_valid_convolutions",
 ]
 
 
@@ -178,6 +178,21 @@ def nonzero_region(x: torch.Tensor) -> torch.Tensor:
     return mask if bool(mask.any()) else torch.ones_like(mask)
 
 
+def uses_valid_convolutions(plan: Plan) -> bool:
+    """Whether the plan's network loses a border (``padding="valid"``, e.g. the seed's ``unet2015``)."""
+    import inspect
+
+    from medunet import networks
+
+    try:
+        spec = networks.get_spec(plan.network.get("name", ""))
+    except ValueError:
+        return False
+    default = inspect.signature(spec.builder).parameters.get("padding")
+    padding = plan.network.get("padding", default.default if default is not None else "same")
+    return padding == "valid"
+
+
 def slice_axis(plan: Plan) -> int:
     """For a 2D plan applied to 3D volumes: the axis slices are taken across (last RAS axis = axial)."""
     return 2
@@ -288,7 +303,7 @@ def train_transforms(
     Steps: read (:class:`MedunetReader`) → channel-first → crop to the image's nonzero region →
     ``Orientationd(plan.orientation)`` → ``Spacingd(plan.target_spacing)`` (bilinear image, nearest
     label; skipped when the plan keeps native spacing) → :class:`NormalizeIntensityPland` → pad to the
-    patch → ``RandCropByPosNegLabeld(plan.patch_size)`` (whole image when the patch covers it) →
+    patch (zeros; mirrored for valid-convolution networks such as ``unet2015``) → ``RandCropByPosNegLabeld(plan.patch_size)`` (whole image when the patch covers it) →
     (``augment``) elastic (optional) / affine rotation+scaling / rot90 / flips / noise / blur /
     brightness / shift / gamma.
 
@@ -335,7 +350,8 @@ def train_transforms(
     if dims == 2:
         steps.append(AddSliceAxisd(keys_l))
     steps += [
-        SpatialPadd(keys_l, spatial_size=sample_patch, mode="constant"),
+        # valid-convolution networks see context beyond the output tile: mirror it in, as the seed does
+        SpatialPadd(keys_l, spatial_size=sample_patch, mode="symmetric" if uses_valid_convolutions(plan) else "constant"),
         RandCropByPosNegLabeld(keys_l, label_key=label_key, spatial_size=sample_patch, pos=pos_neg[0],
                                neg=pos_neg[1], num_samples=num_samples, image_key=image_key,
                                allow_smaller=False),
