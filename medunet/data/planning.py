@@ -440,8 +440,9 @@ def _round_for_network(name: str, dims: int, cin: int, cout: int, patch: list[in
     valid convolutions (``unet2015``) the input grows by the margin so the output covers ``patch``."""
     from medunet import networks
 
-    if name == "unetr":
+    if name == "unetr":  # accepts exactly its img_size: make that the patch (no need to build the ViT)
         options["img_size"] = list(patch)
+        return list(patch)
     net = networks.create(name, spatial_dims=dims, in_channels=cin, out_channels=cout,
                           **{k: v for k, v in options.items() if k != "name"})
     shape = net.valid_input_shape(patch, mode="up")
