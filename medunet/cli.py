@@ -173,12 +173,16 @@ def _run_label_server(args: argparse.Namespace) -> int:
     setups = launch.prepare_app(workdir, bundles, checkpoints)
     for s in setups:
         origin = f" from {s.weights_from}" if s.weights_from else ""
-        print(f"medunet label-server: model {s.name!r} labels {s.labels} weights: {s.weights}{origin}")
+        print(f"medunet label-server: model {s.name!r} labels {s.labels} weights: {s.weights}{origin}",
+              flush=True)
         if s.untrained:
             print(f"medunet label-server: WARNING: {s.name!r} has no trained weights; its predictions come "
                   "from an UNTRAINED model (random weights). Pass --checkpoint or train it first.",
                   file=sys.stderr)
     cmd = launch.server_command(python, workdir, studies, names, args.host, args.port, dict(args.conf or []))
+    if not any(f.name.endswith((".nii", ".nii.gz", ".nrrd")) for f in studies.iterdir()):
+        print(f"medunet label-server: WARNING: {studies} has no NIfTI/NRRD volumes yet (add some, or upload "
+              "them from the viewer)", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"medunet label-server: WARNING: binding {args.host}: the server has no authentication",
               file=sys.stderr)
