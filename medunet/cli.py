@@ -135,7 +135,9 @@ def _add_label_server(sub: argparse._SubParsersAction) -> None:
         description="Start a MONAI Label server (in the .venv-label environment, see `make label`) whose "
                     "app serves each bundle as an infer task and a train task, on a studies folder of "
                     "NIfTI volumes. Binds 127.0.0.1 unless --host says otherwise.")
-    p.add_argument("--studies", required=True, help="folder of NIfTI volumes (MONAI Label local datastore)")
+    p.add_argument("--studies", required=True,
+                   help="folder of NIfTI volumes (MONAI Label local datastore), or a DICOMweb URL "
+                        "(http://host:port/dicom-web, e.g. Orthanc, as OHIF uses)")
     p.add_argument("--bundle", action="append", default=None, metavar="DIR",
                    help="bundle folder to serve (repeatable; default: every bundle under bundles/)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -160,8 +162,9 @@ def _run_label_server(args: argparse.Namespace) -> int:
     from medunet.io import InputError
     from medunet.label import launch
 
-    studies = Path(args.studies)
-    if not studies.is_dir():
+    remote = launch.is_remote_studies(args.studies)
+    studies = args.studies if remote else Path(args.studies)
+    if not remote and not studies.is_dir():
         raise InputError(studies, "studies folder not found (expected a folder of NIfTI volumes)")
     if not (1 <= args.port <= 65535):
         raise ValueError(f"--port {args.port}: not a TCP port")
@@ -180,7 +183,7 @@ def _run_label_server(args: argparse.Namespace) -> int:
                   "from an UNTRAINED model (random weights). Pass --checkpoint or train it first.",
                   file=sys.stderr)
     cmd = launch.server_command(python, workdir, studies, names, args.host, args.port, dict(args.conf or []))
-    if not any(f.name.endswith((".nii", ".nii.gz", ".nrrd")) for f in studies.iterdir()):
+    if not remote and not any(f.name.endswith((".nii", ".nii.gz", ".nrrd")) for f in studies.iterdir()):
         print(f"medunet label-server: WARNING: {studies} has no NIfTI/NRRD volumes yet (add some, or upload "
               "them from the viewer)", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1"):

@@ -37,6 +37,7 @@ from medunet.io.atomic import atomic_write_text
 
 __all__ = [
     "LabelEnvError", "BundleSetup", "REPO_ROOT", "find_label_python", "default_workdir", "find_bundles",
+    "is_remote_studies",
     "parse_checkpoints", "prepare_app", "weights_status", "server_command", "server_env", "WEIGHTS_RECORD",
 ]
 
@@ -105,12 +106,21 @@ def find_label_python(explicit: str | os.PathLike | None = None) -> str:
         "here; run `make label` (scripts/setup_label_env.sh) or set MEDUNET_LABEL_PYTHON")
 
 
+def is_remote_studies(studies: str | os.PathLike) -> bool:
+    """A DICOMweb server URL (``http(s)://.../dicom-web``) instead of a local folder."""
+    return str(studies).startswith(("http://", "https://"))
+
+
 def default_workdir(studies: str | os.PathLike) -> Path:
     """Per-studies-folder app working dir under ``$MEDUNET_CACHE`` (default ``~/.cache/medunet``)."""
-    studies = Path(studies).resolve()
     cache = Path(os.environ.get("MEDUNET_CACHE") or Path.home() / ".cache" / "medunet")
-    digest = hashlib.sha1(str(studies).encode()).hexdigest()[:10]
-    return cache / "label-server" / f"{studies.name or 'studies'}-{digest}"
+    if is_remote_studies(studies):
+        key, name = str(studies).rstrip("/"), "dicomweb"
+    else:
+        resolved = Path(studies).resolve()
+        key, name = str(resolved), resolved.name or "studies"
+    digest = hashlib.sha1(key.encode()).hexdigest()[:10]
+    return cache / "label-server" / f"{name}-{digest}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -309,7 +319,8 @@ def server_command(python: str, workdir: str | os.PathLike, studies: str | os.Pa
     settings = {"models": ",".join(models), "preload": "false", "sam2": "false", **dict(conf or {}),
                 "zoo_source": "local"}
     cmd = [python, "-m", "monailabel.main", "start_server",
-           "--app", str(Path(workdir) / "app"), "--studies", str(Path(studies).resolve()),
+           "--app", str(Path(workdir) / "app"),
+           "--studies", str(studies) if is_remote_studies(studies) else str(Path(studies).resolve()),
            "--host", host, "--port", str(int(port)), "--uvicorn_app", "medunet.label.asgi:app"]
     for key, value in settings.items():
         cmd += ["--conf", str(key), str(value)]
