@@ -222,3 +222,15 @@ def test_predictor_rejects_wrong_channels_and_dimensions():
                                           source="2d"))
     with pytest.raises(ValueError, match="variance"):
         Predictor(plan.build_network(), plan, device="cpu", uncertainty="variance")
+
+
+def test_inferer_keeps_metatensor_metadata_for_invertd():
+    from monai.data import MetaTensor
+
+    net = networks.create("unet", spatial_dims=3, **networks.get_spec("unet").tiny_options).eval()
+    affine = torch.diag(torch.tensor([2.0, 2.0, 3.0, 1.0], dtype=torch.float64))
+    x = MetaTensor(torch.randn(1, 1, 20, 16, 8), affine=affine)
+    with torch.inference_mode():
+        y = build_inferer(net, roi_size=(8, 8, 8))(x, net)
+    assert isinstance(y, MetaTensor) and y.shape == (1, 2, 20, 16, 8)
+    torch.testing.assert_close(y.affine, affine)

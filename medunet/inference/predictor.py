@@ -242,12 +242,15 @@ class Predictor:
         """
         x = x.to(self.device)
         d = x.dim() - 1
+        t0 = time.perf_counter()
         xp, grid, box = self.preprocess(x, affine)
+        t1 = time.perf_counter()
         slicewise = self.plan.spatial_dims == 2 and d == 3
         probs, variance = predict_probabilities(
             self._slicewise_logits if slicewise else self._logits, xp.unsqueeze(0), tta=self.tta,
             mirror_axes=(0, 1) if slicewise else None, with_variance=self.uncertainty == "variance",
         )
+        t2 = time.perf_counter()
         k = probs.shape[1]
         stack = probs[0] if variance is None else torch.cat([probs[0], variance], dim=0)
         back = grid.from_plan(stack, "bilinear")
@@ -261,8 +264,10 @@ class Predictor:
             unc = full[k]
         else:
             unc = None
-        if isinstance(getattr(self.inferer, "last_stats", None), dict):
-            self.inferer.last_stats["plan_shape"] = grid.plan_shape
+        if not isinstance(getattr(self.inferer, "last_stats", None), dict):
+            self.inferer.last_stats = {}
+        self.inferer.last_stats.update(plan_shape=grid.plan_shape, preprocess_s=t1 - t0, network_s=t2 - t1,
+                                       restore_s=time.perf_counter() - t2)
         return probs, unc
 
     def preprocess(self, x: torch.Tensor, affine: np.ndarray) -> tuple[torch.Tensor, PlanGrid, tuple[slice, ...]]:

@@ -27,8 +27,10 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from monai.data import MetaTensor
 from monai.data.utils import compute_importance_map
 from monai.inferers import Inferer
+from monai.utils import convert_to_dst_type
 
 __all__ = ["TiledInferer", "build_inferer", "mirror_pad", "tile_starts", "network_period"]
 
@@ -194,8 +196,12 @@ class TiledInferer(Inferer):
         if not isinstance(inputs, torch.Tensor) or inputs.dim() < 4:
             raise ValueError(f"inputs must be a (B, C, *spatial) tensor, got {getattr(inputs, 'shape', inputs)}")
         device = self.device or _module_device(network) or inputs.device
-        return torch.cat([self._predict_one(inputs[b:b + 1], network, device, *args, **kwargs)
-                          for b in range(inputs.shape[0])], dim=0)
+        plain = inputs.as_tensor() if isinstance(inputs, MetaTensor) else inputs
+        out = torch.cat([self._predict_one(plain[b:b + 1], network, device, *args, **kwargs)
+                         for b in range(plain.shape[0])], dim=0)
+        if isinstance(inputs, MetaTensor):  # keep the metadata (and applied transforms) for Invertd
+            out = convert_to_dst_type(out, inputs, device=out.device)[0]
+        return out
 
     def _predict_one(self, x: torch.Tensor, network, device: torch.device, *args, **kwargs) -> torch.Tensor:
         shape = tuple(x.shape[2:])
