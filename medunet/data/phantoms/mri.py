@@ -26,7 +26,7 @@ MODALITY = "MRI"
 SPATIAL_DIMS = 3
 SMALL_SHAPE = (32, 40, 32)
 # T1-weighted relative intensities
-WHITE, GREY, HIPPOCAMPUS, CSF = 1.0, 0.62, 0.7, 0.18
+WHITE, GREY, HIPPOCAMPUS, CSF = 1.0, 0.55, 0.74, 0.18
 
 
 def make_case(rng: np.random.Generator, size="default") -> PhantomCase:
@@ -63,8 +63,8 @@ def _draw_temporal_lobe(rng: np.random.Generator, shape, coords, length: float):
     label = np.zeros(shape, dtype=np.uint8)
     # Cortex and sulci: grey matter and CSF where a smooth field is high/low.
     field = smooth_field(rng, shape, 4)
-    image[field > 0.8] = GREY
-    image[field > 1.6] = CSF
+    image[field > 1.0] = GREY
+    image[field > 1.8] = CSF
 
     # Hippocampus centre line: from the head (anterior, +y) to the tail (posterior, −y), rising and
     # curving medially at the tail. ``side`` mirrors left/right crops.
