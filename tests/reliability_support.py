@@ -152,3 +152,45 @@ def traceback_in(text: str) -> bool:
 def error_lines(text: str) -> list[str]:
     """Lines that report an error (what a user greps for)."""
     return [ln for ln in text.splitlines() if "error" in ln.lower() or "fail" in ln.lower()]
+
+
+# --------------------------------------------------------------------------------------------------
+# bundle training with tiny overrides
+BUNDLE_CT = REPO / "bundles" / "ct" / "configs"
+TINY_PLAN_JSON = ('{"patch_size": [16, 16, 16], "batch_size": 2, '
+                  '"network": {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "filters": [4, 8, 16]}}')
+_PHANTOMS: dict[int, Path] = {}
+
+
+def train_command(data: Path, out: Path, epochs: int = 2, config: Path | None = None) -> list[str]:
+    """The documented training command (``python -m monai.bundle run training``) with tiny overrides:
+    4 phantom cases (3 train / 1 val), a 3-level 4-8-16 DynUNet on 16³ patches, no MLflow."""
+    config = config or BUNDLE_CT / "train.json"
+    return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(config),
+            "--meta_file", str(BUNDLE_CT / "metadata.json"), "--logging_file", str(BUNDLE_CT / "logging.conf"),
+            "--dataset_dir", str(data), "--output_dir", str(out / "eval"), "--ckpt_dir", str(out / "models"),
+            "--plan_overrides", TINY_PLAN_JSON, "--max_epochs", str(epochs), "--val_interval", "1",
+            "--num_workers", "0", "--progress_bar", "False", "--mlflow", "False", "--n_folds", "4",
+            "--phantom_cases", "4"]
+
+
+def train_env() -> dict:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"})
+    env.pop("MEDUNET_DEBUG", None)
+    return env
+
+
+def shared_ct_phantoms() -> Path:
+    """4 small CT phantom cases (MSD layout), generated once per test process and removed at exit."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from medunet.data.phantoms import generate_dataset
+
+    if os.getpid() not in _PHANTOMS:
+        base = Path(tempfile.mkdtemp(prefix="medunet-ct-"))
+        atexit.register(shutil.rmtree, base, True)
+        _PHANTOMS[os.getpid()] = generate_dataset("ct", base / "data", cases=4, size="small", seed=0)
+    return _PHANTOMS[os.getpid()]

@@ -26,7 +26,10 @@ from reliability_support import (
     is_root,
     permissions_enforceable,
     run_subprocess,
+    shared_ct_phantoms,
     temp_files,
+    train_command,
+    train_env,
 )
 
 # A batch writer that behaves like `medunet segment`: skip finished outputs, write each atomically.
@@ -198,3 +201,62 @@ def test_atomic_outputs_get_normal_permissions(tmp_path):
     os.chmod(a, 0o640)  # replacing a file keeps the mode its owner chose
     write_nifti(np.ones((4, 4, 4)), np.eye(4), a)
     assert oct(os.stat(a).st_mode & 0o777) == oct(0o640)
+
+
+# --------------------------------------------------------------------------------------------------
+# bundle training: SIGKILL mid-epoch, then the same command again
+@pytest.fixture(scope="module")
+def ct_phantoms() -> Path:
+    return shared_ct_phantoms()
+
+
+def _history(out: Path) -> list[dict]:
+    import csv
+
+    with open(out / "eval" / "history.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+@pytest.mark.slow
+def test_training_sigkill_mid_epoch_resumes_to_the_same_result(ct_phantoms, tmp_path):
+    """Run A straight through 2 epochs; run B is SIGKILLed in epoch 2 and restarted with the same
+    command. Both run as subprocesses at the same time (one thread each). B must resume from its epoch-1
+    checkpoint and end bit-identical to A: same history (losses, Dice per class), weights, best model."""
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    log_a, log_b = open(tmp_path / "a.log", "w"), open(tmp_path / "b.log", "w")
+    a = subprocess.Popen(train_command(ct_phantoms, straight), cwd=tmp_path, env=train_env(), stdout=log_a, stderr=log_a)
+    b = subprocess.Popen(train_command(ct_phantoms, killed), cwd=tmp_path, env=train_env(), stdout=log_b, stderr=log_b)
+    latest = killed / "eval" / "checkpoint_latest.pt"
+    try:
+        deadline = time.monotonic() + 300
+        while not latest.exists() and b.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert latest.exists(), (tmp_path / "b.log").read_text()[-3000:]
+        time.sleep(0.3)  # into epoch 2's iterations
+        b.send_signal(signal.SIGKILL)
+        b.wait(60)
+        assert a.wait(400) == 0, (tmp_path / "a.log").read_text()[-3000:]
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+        log_a.close()
+        log_b.close()
+    assert b.returncode == -signal.SIGKILL
+    at_kill = torch.load(latest, weights_only=True)["trainer"]["epoch"]
+    assert at_kill == 1, f"the kill did not land in epoch 2 (latest checkpoint: epoch {at_kill})"
+    assert not temp_files(killed) or all(p.name.startswith(".") for p in temp_files(killed))
+    rerun = subprocess.run(train_command(ct_phantoms, killed), cwd=tmp_path, env=train_env(), capture_output=True,
+                           text=True, encoding="utf-8", errors="replace", timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resumed from" in rerun.stdout + rerun.stderr, "restart did not resume from the checkpoint"
+    ha, hb = _history(straight), _history(killed)
+    assert [r["epoch"] for r in hb] == ["1", "2"]
+    assert ha == hb, f"resumed run differs from the uninterrupted one:\n{ha}\n{hb}"
+    for name in ("eval/checkpoint_latest.pt", "models/model.pt"):
+        sa = torch.load(straight / name, weights_only=True)  # weights_only: no pickled objects anywhere
+        sb = torch.load(killed / name, weights_only=True)
+        wa, wb = sa.get("model", sa), sb.get("model", sb)
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{name}: weights differ"
+    assert_nothing_partial(killed)
