@@ -47,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="MSD-layout dataset folder (read-only)")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--time-budget", type=float, default=1500.0, help="training wall seconds (incl. periodic eval)")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="what --time-budget counts: wall seconds or process CPU seconds (for a shared machine)")
     p.add_argument("--max-iterations", type=int, default=None)
     p.add_argument("--eval-interval", type=float, default=120.0, help="seconds between validation points (0: end only)")
     p.add_argument("--patch", type=int, nargs="+", default=None, help="training patch (default: the planner's)")
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     log(f"network: {plan.network['name']} {count_parameters(network) / 1e6:.2f}M parameters")
     config = RecipeConfig(optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                           warmup_iterations=args.warmup, max_iterations=args.max_iterations,
-                          time_budget_s=args.time_budget, eval_interval_s=args.eval_interval,
+                          time_budget_s=args.time_budget, clock=args.clock, eval_interval_s=args.eval_interval,
                           bf16=not args.no_bf16, seed=args.seed)
     n_classes = plan.out_channels
 

@@ -108,7 +108,7 @@ def cache_cases(
         items: ``{"image": path, "label": path}`` dicts.
         plan: decides orientation, spacing and normalisation (exactly as at inference).
         on_error: called with the :class:`InputError` of a bad case, which is then skipped; ``None``
-            re-raises it.
+            raises it (a one-line ``path: reason``).
 
     Returns:
         the readable cases, in input order.
@@ -134,11 +134,36 @@ def cache_cases(
             cases.append(CachedCase(image_id(item["image"]), image, label.to(torch.uint8).contiguous(),
                                     item["image"], item["label"], spacing))
         except Exception as e:  # MONAI wraps reader errors in RuntimeError
-            err = e if isinstance(e, InputError) else find_input_error(e)
-            if err is None or on_error is None:
-                raise
+            err = _input_error(e, item, find_input_error)
+            if on_error is None:
+                raise err from None
             on_error(err)
     return cases
+
+
+def _input_error(exc: BaseException, item: dict, find_input_error) -> InputError:
+    """A one-line :class:`InputError` for a case that failed to preprocess.
+
+    The reader's own ``InputError`` when it is in the exception chain; else the line of MONAI's
+    "cannot find a suitable reader" message that names one of the case's files; else the innermost error.
+    """
+    found = exc if isinstance(exc, InputError) else find_input_error(exc)
+    if found is not None:
+        return found
+    chain, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for e in chain:
+        for line in str(e).splitlines():
+            for key in ("image", "label"):
+                prefix = f"{item.get(key)}: "
+                if prefix in line:
+                    return InputError(item[key], line.split(prefix, 1)[1].strip())
+    inner = chain[-1]
+    reason = (str(inner).strip().splitlines() or [type(inner).__name__])[0]
+    return InputError(item.get("image", "?"), f"cannot be preprocessed ({type(inner).__name__}: {reason})")
 
 
 @dataclass
