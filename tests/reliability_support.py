@@ -194,3 +194,29 @@ def shared_ct_phantoms() -> Path:
         atexit.register(shutil.rmtree, base, True)
         _PHANTOMS[os.getpid()] = generate_dataset("ct", base / "data", cases=4, size="small", seed=0)
     return _PHANTOMS[os.getpid()]
+
+
+def make_tiny_checkpoint(folder: Path) -> Path:
+    """``folder/model.pt``: a tiny 3D UNet (random weights) carrying its plan (CT normalisation, 2 mm
+    grid, classes 0/1/2), and ``folder/plan.json`` beside it."""
+    import torch
+
+    from medunet import networks
+    from medunet.data import Plan
+    from medunet.io import save_checkpoint
+
+    plan = Plan(labels={"background": 0, "organ": 1, "core": 2}, spatial_dims=3, modality="CT",
+                target_spacing=[2.0, 2.0, 2.0], patch_size=[16, 16, 16], batch_size=1,
+                normalization={"scheme": "ct", "clip": [-200.0, 300.0], "mean": 50.0, "std": 100.0},
+                network={"name": "unet", **networks.get_spec("unet").tiny_options})
+    torch.manual_seed(0)
+    net = plan.build_network()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    plan.save(Path(folder) / "plan.json")
+    return save_checkpoint({"model": net.state_dict(), "plan": plan.to_dict()}, Path(folder) / "model.pt")
+
+
+def segment_argv(inputs, out, ckpt, *extra) -> list[str]:
+    """``medunet segment`` arguments (without the program name) for a checkpoint on the CPU."""
+    return ["segment", "-i", *map(str, inputs), "-o", str(out), "--checkpoint", str(ckpt), "--device", "cpu",
+            "--no-progress", *extra]

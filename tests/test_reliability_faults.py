@@ -24,8 +24,11 @@ from reliability_support import (
     REPO,
     assert_nothing_partial,
     is_root,
+    make_tiny_checkpoint,
+    medunet_argv,
     permissions_enforceable,
     run_subprocess,
+    segment_argv,
     shared_ct_phantoms,
     temp_files,
     train_command,
@@ -260,3 +263,102 @@ def test_training_sigkill_mid_epoch_resumes_to_the_same_result(ct_phantoms, tmp_
         assert wa.keys() == wb.keys()
         assert all(torch.equal(wa[k], wb[k]) for k in wa), f"{name}: weights differ"
     assert_nothing_partial(killed)
+
+
+# --------------------------------------------------------------------------------------------------
+# medunet segment: SIGKILL while writing, full disk, read-only output folder
+@pytest.fixture(scope="module")
+def segment_job(tmp_path_factory):
+    """Five 48×40×32 CT-like inputs and a tiny checkpoint."""
+    import hostile
+
+    d = tmp_path_factory.mktemp("segjob")
+    images = [hostile.write_good_image(d / "in" / f"case_{i}.nii.gz", shape=(48, 40, 32), seed=i) for i in range(5)]
+    return d / "in", images, make_tiny_checkpoint(d / "model")
+
+
+def _outputs(out: Path, images) -> dict[Path, list[Path]]:
+    from hostile import image_id_of
+
+    return {img: [out / f"{image_id_of(img)}_seg.nii.gz", out / f"{image_id_of(img)}_probabilities.nii.gz"]
+            for img in images}
+
+
+def test_segment_sigkill_while_writing_then_rerun(segment_job, tmp_path):
+    """Kill ``medunet segment`` while an output is being written: nothing half-written under a final
+    name, finished outputs intact; the same command again completes every output and keeps the
+    finished ones byte for byte."""
+    folder, images, ckpt = segment_job
+    out = tmp_path / "out"
+    argv = medunet_argv(*segment_argv([folder], out, ckpt, "--save-probabilities"))
+    proc = subprocess.Popen(argv, cwd=REPO, env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    caught = None
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            done = list(out.glob("*_probabilities.nii.gz")) if out.exists() else []
+            tmp = temp_files(out) if out.exists() else []
+            if done and tmp:  # at least one case finished, another file being written right now
+                proc.send_signal(signal.SIGKILL)
+                caught = tmp
+                break
+            time.sleep(0.002)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+    if caught is None:
+        pytest.fail(f"never caught a write in progress (exit {proc.returncode}); outputs: {sorted(out.iterdir())}")
+    assert proc.returncode == -signal.SIGKILL
+    expected = _outputs(out, images)
+    finished = {}
+    for outs in expected.values():
+        for p in outs:
+            if p.exists():
+                assert_nothing_partial(out.parent / "none", expected=[p])  # loads completely
+                finished[p] = _sha(p)
+    assert finished and len(finished) < 10, sorted(p.name for p in finished)
+    # A kill between a case's two writes leaves its label without its probabilities; make sure that
+    # state is covered whatever the kill hit: drop the probabilities of the first finished case.
+    first_seg, first_prob = expected[images[0]]
+    if first_prob in finished:
+        first_prob.unlink()
+        del finished[first_prob]
+    rerun = run_subprocess(argv)
+    missing = [p.name for outs in expected.values() for p in outs if not p.exists()]
+    assert not missing, f"rerun did not complete {missing}\n{rerun.stderr}"
+    assert all(_sha(p) == h for p, h in finished.items()), "a finished output was rewritten or damaged"
+    assert_nothing_partial(out, expected=[p for outs in expected.values() for p in outs])
+    assert rerun.code == 0, f"rerun exit {rerun.code} (0 expected: every output now exists)\n{rerun.stderr}"
+
+
+def test_segment_disk_full(segment_job, tmp_path):
+    """Every output write fails (RLIMIT_FSIZE 4 KiB, a full disk): exit 1, one clear line per input
+    naming its output, no file left."""
+    folder, images, ckpt = segment_job
+    out = tmp_path / "out"
+    res = run_subprocess(medunet_argv(*segment_argv(images[:2], out, ckpt)), fsize=4096)
+    assert res.code == 1, (res.code, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    for img in images[:2]:
+        lines = [ln for ln in res.stderr.splitlines() if img.name.split(".")[0] in ln and "too large" in ln.lower()]
+        assert len(lines) == 1, f"{img.name}: {res.stderr}"
+    assert not out.exists() or list(out.iterdir()) == [], list(out.iterdir())
+
+
+def test_segment_read_only_output_folder(segment_job, tmp_path):
+    if not permissions_enforceable():
+        pytest.skip("running as root without CAP_SETPCAP: permission bits cannot be made to bite")
+    folder, images, ckpt = segment_job
+    out = tmp_path / "ro"
+    out.mkdir()
+    os.chmod(out, 0o555)
+    try:
+        res = run_subprocess(medunet_argv(*segment_argv(images[:2], out, ckpt)), enforce_permissions=True)
+    finally:
+        os.chmod(out, 0o755)
+    assert res.code == 1, (res.code, res.stderr)
+    assert "Traceback" not in res.stderr, res.stderr
+    assert "permission denied" in res.stderr.lower() and str(out) in res.stderr, res.stderr
+    assert list(out.iterdir()) == []

@@ -32,10 +32,12 @@ from hostile import (
 )
 from reliability_support import (
     assert_nothing_partial,
+    make_tiny_checkpoint,
     medunet_argv,
     permissions_enforceable,
     run_cli,
     run_subprocess,
+    segment_argv,
     traceback_in,
 )
 
@@ -131,25 +133,10 @@ SEGMENT_CASES = [n for n in IMAGE_CASES + FOLDER_CASES if n != "unreadable_file"
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    """A tiny 3D UNet checkpoint carrying its plan (CT normalisation, 2 mm grid, 3 classes)."""
-    from medunet import networks
-    from medunet.data import Plan
-    from medunet.io import save_checkpoint
-
-    d = tmp_path_factory.mktemp("model")
-    plan = Plan(labels={"background": 0, "organ": 1, "core": 2}, spatial_dims=3, modality="CT",
-                target_spacing=[2.0, 2.0, 2.0], patch_size=[16, 16, 16], batch_size=1,
-                normalization={"scheme": "ct", "clip": [-200.0, 300.0], "mean": 50.0, "std": 100.0},
-                network={"name": "unet", **networks.get_spec("unet").tiny_options})
-    torch.manual_seed(0)
-    net = plan.build_network()
-    plan.save(d / "plan.json")
-    return save_checkpoint({"model": net.state_dict(), "plan": plan.to_dict()}, d / "model.pt")
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("model"))
 
 
-def _segment_argv(inputs, out, ckpt, *extra):
-    return ["segment", "-i", *map(str, inputs), "-o", str(out), "--checkpoint", str(ckpt), "--device", "cpu",
-            "--no-progress", *extra]
+_segment_argv = segment_argv
 
 
 def _assert_same_geometry(label_path, image_path):
