@@ -270,3 +270,16 @@ def test_nnunet_layout_channel_files(tmp_path, clean_set):
 def test_real_hippocampus_is_clean(hippocampus_dir):
     result = check_dataset(hippocampus_dir)
     assert list(result) == [] and result.cases_checked == 195
+
+
+def test_cells_png_instances_checked(tmp_path):
+    from PIL import Image
+
+    root = generate_dataset("cells", tmp_path / "cells", cases=2, size="small", fmt="png", test_cases=0)
+    assert list(check_dataset(root)) == []
+    path = root / "instancesTr" / "cells_001.png"
+    inst = np.array(Image.open(path))
+    inst[inst == inst.max()] = 0  # an annotator erased one cell from the instance map only
+    Image.fromarray(inst).save(path)
+    (problem,) = check_dataset(root)
+    assert problem.kind == "label-values" and problem.path == str(path) and "foreground" in problem.message

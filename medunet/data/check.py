@@ -10,7 +10,8 @@ What is checked:
   spacing, non-singular affine, 3D where 3D is expected (not 4D/2D), channel count vs the modalities,
   constant intensity (warning), sform/qform disagreement and sheared grids (warnings);
 - every label: readable, integer values, values declared in ``dataset.json``, same shape and geometry
-  (spacing, origin, direction) as its image, not empty (warning).
+  (spacing, origin, direction) as its image, not empty (warning); an ``instance`` map (cells) has the
+  label's shape and foreground.
 
 Example::
 
@@ -133,6 +134,7 @@ class _Case:
     label: Path | None
     section: str  # "training" or "test"
     ndims: dict[Path, int] = field(default_factory=dict)  # array dimensions of each readable image
+    instance: Path | None = None  # instance map (cells): same grid as the label, same foreground
 
 
 @dataclass
@@ -245,12 +247,14 @@ def _listed_cases(root: Path, json_path: Path, section: str, result: CheckResult
     for item in items:
         images = [Path(p) for p in (item["image"] if isinstance(item["image"], list) else [item["image"]])]
         label = Path(item["label"]) if item.get("label") else None
-        missing = [p for p in images + ([label] if label else []) if not os.path.lexists(p)]
+        instance = Path(item["instance"]) if isinstance(item.get("instance"), str) else None
+        missing = [p for p in images + [q for q in (label, instance) if q] if not os.path.lexists(p)]
         for p in missing:
             result.add(p, "missing-file", f"listed in dataset.json {section} but not found")
         label_ok = label is not None and label not in missing
         cases.append(_Case(image_id(images[0]), [p for p in images if p not in missing],
-                           label if label_ok else None, section))
+                           label if label_ok else None, section,
+                           instance=instance if instance is not None and instance not in missing else None))
     if len(images_of := [c.images[0] for c in cases if c.images]) != len(set(images_of)):
         for path, n in Counter(images_of).items():
             if n > 1:
@@ -371,6 +375,8 @@ def _check_case(case: _Case, expect: _Expect, result: CheckResult) -> None:
     _check_label(label, case.label, expect, result)
     if reference is not None:
         _compare_geometry(label, case.label, reference, f"its image ({Path(reference.path).name})", result)
+    if case.instance is not None and (instance := _read(case.instance, result)) is not None:
+        _check_instances(instance, case.instance, label, result)
 
 
 def _check_image(image, path: Path, expect: _Expect, result: CheckResult) -> int:
@@ -467,6 +473,17 @@ def _check_label(label, path: Path, expect: _Expect, result: CheckResult) -> Non
         result.add(path, "label-values", f"negative label value(s) {[int(v) for v in values if v < 0]}")
     if values.size and values.max() == 0:
         result.add(path, "label-empty", "label is all background (no foreground voxel)")
+
+
+def _check_instances(instance, path: Path, label, result: CheckResult) -> None:
+    """An instance map must cover exactly the label's foreground (one id per object)."""
+    if instance.spatial_shape != label.spatial_shape:
+        result.add(path, "shape-mismatch", f"instance map shape {instance.spatial_shape} differs from its label "
+                                           f"{label.spatial_shape}")
+        return
+    differ = int(np.count_nonzero((instance.array > 0) != (label.array > 0)))
+    if differ:
+        result.add(path, "label-values", f"instance map foreground differs from its label's in {differ} voxel(s)")
 
 
 def _compare_geometry(other, path: Path, reference, what: str, result: CheckResult) -> None:
