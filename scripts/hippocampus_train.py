@@ -154,10 +154,9 @@ def main(argv=None) -> int:
     history = train_recipe(network, sampler, DeepSupervisionDiceCE(), config, evaluate=periodic_eval, log=log)
     t_train = history[-1]["elapsed_s"]
 
-    # final weights, evaluated with TTA; no selection on the validation split
+    # final weights (no selection on the validation split), evaluated the way `medunet segment` predicts
     t_eval0 = time.perf_counter()
-    rows = evaluate_cases(network, val_cases, n_classes, tta=not args.no_tta, bf16=False,
-                          metrics=("dice", "hd95"), keep_predictions=True)
+    rows = predictor_rows(network, plan, val_items, tta=not args.no_tta, log=log)
     final = summarize_rows(rows)
     t_eval = time.perf_counter() - t_eval0
 
@@ -166,7 +165,7 @@ def main(argv=None) -> int:
     plan.save(models / "plan.json")
     plan.save(out / "plan.json")
 
-    write_outputs(out, plan, history, rows, final, val_cases, args, config, {
+    write_outputs(out, plan, history, rows, final, args, config, {
         "prep_s": t_prep, "train_s": t_train, "eval_s": t_eval,
         "total_s": time.perf_counter() - t_start, "cpu_s": time.process_time() - cpu_start,
         "iterations": history[-1]["iteration"], "n_train": len(train_cases), "n_val": len(val_cases),
@@ -177,7 +176,34 @@ def main(argv=None) -> int:
     return 0
 
 
-def write_outputs(out, plan, history, rows, final, val_cases, args, config, timing, log) -> None:
+def predictor_rows(network, plan, items, tta: bool, log) -> list[dict]:
+    """Predict each validation file with :class:`medunet.inference.Predictor` (what ``medunet segment``
+    runs: training-identical preprocessing, sliding window over ``plan.patch_size``, exact inverse
+    geometry) and score Dice/HD95 per class against the label file, in the file's own grid."""
+    from medunet.inference import Predictor
+    from medunet.io import image_id, read_image
+    from medunet.metrics.segmentation import case_metrics
+
+    network.eval()
+    predictor = Predictor(network, plan, device="cpu", tta=tta)
+    rows = []
+    for item in items:
+        try:
+            pred = predictor.predict_file(item["image"])
+            label = read_image(item["label"])
+        except Exception as e:  # noqa: BLE001 - report and go on with the next case
+            log(f"evaluation skipped {item['image']}: {e}")
+            continue
+        per_class = case_metrics(pred.label, np.rint(label.array).astype(np.int64), plan.out_channels,
+                                 spacing=label.spacing, metrics=("dice", "hd95"))
+        dices = [v["dice"] for v in per_class.values() if math.isfinite(v["dice"])]
+        rows.append({"case": image_id(item["image"]), "metrics": per_class,
+                     "mean_dice": float(np.mean(dices)) if dices else math.nan,
+                     "image": pred.image.array, "label": label.array, "pred": pred.label})
+    return rows
+
+
+def write_outputs(out, plan, history, rows, final, args, config, timing, log) -> None:
     """history.csv/json, curve.png, report/ (metrics.csv, summary.json, overlays), results.md/json."""
     from medunet.io import atomic_write_bytes, atomic_write_text
     from medunet.metrics.report import representative_slice, write_report
@@ -186,15 +212,13 @@ def write_outputs(out, plan, history, rows, final, val_cases, args, config, timi
     fg = [c for c in sorted(names) if c != 0]
     # report rows in the metrics package's format
     report_rows, slices = [], {}
-    by_id = {c.case_id: c for c in val_cases}
     for row in rows:
         r = {"case": row["case"], "mean_dice": row["mean_dice"]}
         for c, m in row["metrics"].items():
             for k, v in m.items():
                 r[f"{k}_{names[c]}"] = v
         report_rows.append(r)
-        case = by_id[row["case"]]
-        img, lab, prd = case.image[0].numpy(), case.label[0].numpy(), row["pred"].numpy()
+        img, lab, prd = (np.asarray(row[k]) for k in ("image", "label", "pred"))
         z = representative_slice(lab, prd)
         slices[row["case"]] = (img[..., z], lab[..., z], prd[..., z], z)
     summary = write_report(report_rows, names, out / "report", slices=slices, n_overlays=2)
