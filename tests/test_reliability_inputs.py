@@ -9,6 +9,7 @@ and nothing is left half-written.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import tempfile
@@ -207,7 +208,8 @@ def test_segment_batch_continues_exit_partial(tiny_checkpoint):
     try:
         batch, out = base / "batch", base / "out"
         cases, dicom_inputs = [], []
-        for name in [n for n in SEGMENT_CASES if n != "symlink_loop"] + ["unreadable_file"]:
+        # symlink_loop and tiny_volume have their own tests (known bugs, see the report)
+        for name in [n for n in SEGMENT_CASES if n not in ("symlink_loop", "tiny_volume")] + ["unreadable_file"]:
             case = make_case(name, batch / f"{name}.nii.gz")
             if case.path.is_dir():
                 case = make_case(name, base / "dicom" / f"{name}.nii.gz")
@@ -417,3 +419,51 @@ def test_bundle_training_with_a_corrupt_case(tmp_path):
         return
     _assert_one_clear_line(res, case.path.name, "corrupt")
     assert not (out / "models" / "model.pt").exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# multi-modal: a 2-channel model or dataset given 1-channel images
+def test_multimodal_model_given_one_channel(tmp_path):
+    """A T1+T2 model (in_channels=2): a single-channel volume is refused, a (X, Y, Z, 2) one segmented."""
+    from medunet import networks
+    from medunet.data import Plan
+    from medunet.io import save_checkpoint
+
+    plan = Plan(labels={"background": 0, "lesion": 1}, spatial_dims=3, modality="MRI", in_channels=2,
+                target_spacing=[2.0, 2.0, 2.0], patch_size=[16, 16, 16], batch_size=1,
+                normalization={"scheme": "zscore", "nonzero": True},
+                network={"name": "unet", **networks.get_spec("unet").tiny_options})
+    ckpt = save_checkpoint({"model": plan.build_network().state_dict(), "plan": plan.to_dict()}, tmp_path / "mm.pt")
+    one = hostile.write_good_image(tmp_path / "in" / "t1_only.nii.gz")
+    image, _ = hostile._phantom(hostile.GOOD_SHAPE)
+    two = hostile._save(np.stack([image, image * 0.5], axis=-1).astype(np.float32), hostile.good_affine(),
+                        tmp_path / "in" / "t1_t2.nii.gz")
+    out = tmp_path / "out"
+    res = run_cli(_segment_argv([one, two], out, ckpt))
+    assert res.code == 3, res.stderr
+    line = [ln for ln in res.lines if "t1_only.nii.gz" in ln]
+    assert len(line) == 1 and "channel" in line[0] and "2" in line[0], res.stderr
+    assert not (out / "t1_only_seg.nii.gz").exists()
+    _assert_same_geometry(out / "t1_t2_seg.nii.gz", two)
+
+
+def test_check_dataset_multimodal_channel_count(tmp_path):
+    """dataset.json declares T1 and T2 (MSD 4D layout); one case has only one channel."""
+    root = tmp_path / "mm"
+    hostile.write_dataset(root, good=0)
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["modality"] = {"0": "T1", "1": "T2"}
+    image, label = hostile._phantom(hostile.GOOD_SHAPE)
+    for cid, channels in (("two_000", 2), ("two_001", 2), ("one_002", 1)):
+        data = np.stack([image * (c + 1) for c in range(channels)], axis=-1).astype(np.float32)
+        hostile._save(data if channels > 1 else data[..., 0], hostile.good_affine(), root / "imagesTr" / f"{cid}.nii.gz")
+        hostile._save(label, hostile.good_affine(), root / "labelsTr" / f"{cid}.nii.gz")
+        meta["training"].append({"image": f"./imagesTr/{cid}.nii.gz", "label": f"./labelsTr/{cid}.nii.gz"})
+    meta["numTraining"] = 3
+    (root / "dataset.json").write_text(json.dumps(meta))
+    res = run_cli(["check-dataset", str(root)])
+    text = res.stdout + res.stderr
+    assert res.code == 1 and not traceback_in(text), text
+    bad = [ln for ln in text.splitlines() if "imagesTr/one_002.nii.gz" in ln and ln.startswith("error")]
+    assert bad and re.search(r"channel|modalit|3D|dimension", bad[0], re.I), text
+    assert not [ln for ln in text.splitlines() if "two_00" in ln and ln.startswith("error")], text
