@@ -17,6 +17,7 @@ import textwrap
 from pathlib import Path
 
 import hostile
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -235,7 +236,9 @@ def test_segment_batch_continues_exit_partial(tiny_checkpoint):
             refused += 1
         for g in good:
             _assert_same_geometry(out / f"{hostile.image_id_of(g)}_seg.nii.gz", g)
-        assert (out / "good_dicom_seg.nii.gz").exists()
+        dicom_seg, dicom_in = nib.load(str(out / "good_dicom_seg.nii.gz")), read_image(good_dicom)
+        assert dicom_seg.shape == dicom_in.spatial_shape  # DICOM (LPS) → NIfTI (RAS) geometry kept
+        np.testing.assert_allclose(dicom_seg.affine, dicom_in.affine, atol=1e-4)
         assert refused >= 20, refused
         assert_nothing_partial(out)
     finally:
@@ -379,7 +382,7 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 # bundle training (python -m monai.bundle run training ...)
 def _assert_one_clear_line(res, *needles):
     text = res.stdout + res.stderr
-    assert res.code not in (0, -6, 134), f"exit {res.code}"  # 134/-6: aborted, not a clean failure
+    assert res.code not in (0, -6, 134), f"exit {res.code}"  # -6/134: aborted (SIGABRT), not a clean failure
     hits = [ln for ln in text.splitlines() if all(n.lower() in ln.lower() for n in needles)]
     assert hits, f"no line names {needles}:\n{text[-3000:]}"
     assert not traceback_in(text), f"traceback shown without --debug ({len(text.splitlines())} lines):\n{text[-2000:]}"
@@ -401,24 +404,25 @@ def test_bundle_config_with_typod_id(tmp_path):
 
 
 @pytest.mark.slow
-def test_bundle_training_with_a_corrupt_case(tmp_path):
-    """A corrupt image among the training cases: one line naming it (refuse, or skip it and train on),
-    not a 100-line traceback ending in an abort."""
+def test_bundle_training_with_bad_cases(tmp_path):
+    """A corrupt image, a label of the wrong shape and a label with an undeclared class among the
+    training cases: one line naming each (refuse up front, or skip them and train on the rest), not a
+    100-line traceback ending in an abort."""
     from reliability_support import shared_ct_phantoms, train_command, train_env
 
     data = tmp_path / "data"
     shutil.copytree(shared_ct_phantoms(), data)
-    case = hostile.inject_case(data, "corrupt_gzip")
+    cases = [hostile.inject_case(data, n) for n in ("corrupt_gzip", "label_shape_mismatch", "label_outside_classes")]
     out = tmp_path / "run"
     res = run_subprocess(train_command(data, out, epochs=1), cwd=tmp_path, env=train_env())
     text = res.stdout + res.stderr
-    named = [ln for ln in text.splitlines() if case.matches(ln)]
-    if res.code == 0:  # skipped the bad case and trained on the rest: must say so
-        assert named, f"trained without mentioning {case.path.name}"
-        assert (out / "models" / "model.pt").exists()
-        return
-    _assert_one_clear_line(res, case.path.name, "corrupt")
-    assert not (out / "models" / "model.pt").exists()
+    unnamed = [c.name for c in cases if not [ln for ln in text.splitlines() if c.matches(ln, pair=True)]]
+    assert not traceback_in(text), f"traceback shown without --debug ({len(text.splitlines())} lines):\n{text[-2000:]}"
+    assert not unnamed, f"not named: {unnamed}\n{text[-3000:]}"
+    assert res.code not in (-6, 134), "aborted"
+    if res.code != 0:
+        assert not (out / "models" / "model.pt").exists()
+    assert_nothing_partial(out)
 
 
 # --------------------------------------------------------------------------------------------------
