@@ -139,7 +139,7 @@ def _add_label_server(sub: argparse._SubParsersAction) -> None:
                    help="folder of NIfTI volumes (MONAI Label local datastore), or a DICOMweb URL "
                         "(http://host:port/dicom-web, e.g. Orthanc, as OHIF uses)")
     p.add_argument("--bundle", action="append", default=None, metavar="DIR",
-                   help="bundle folder to serve (repeatable; default: every bundle under bundles/)")
+                   help="bundle folder to serve (repeatable; default: every 3D bundle under bundles/)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint", action="append", default=None, metavar="[NAME=]FILE",

@@ -36,6 +36,18 @@ def test_check_request_looks_at_id_params_and_path_segments():
     assert check_request("/infer/ct", b"params=../not-an-id") is None  # only id parameters
 
 
+def test_default_bundles_are_the_3d_ones(tmp_path, monkeypatch):
+    ct = make_ct_bundle(tmp_path / "bundles")
+    flat = make_ct_bundle(tmp_path / "bundles", name="cells2d")
+    meta_file = flat / "configs" / "metadata.json"
+    meta = json.loads(meta_file.read_text())
+    meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = [96, 96]
+    meta_file.write_text(json.dumps(meta))
+    monkeypatch.setattr(launch, "REPO_ROOT", tmp_path)
+    assert launch.find_bundles(None) == [ct]
+    assert launch.find_bundles([flat]) == [flat]  # served when named
+
+
 def test_parse_checkpoints_pairs_files_with_bundles(tmp_path):
     assert launch.parse_checkpoints(["w.pt"], ["ct"]) == {"ct": Path("w.pt")}
     assert launch.parse_checkpoints(["mri=m.pt", "ct=c.pt"], ["ct", "mri"]) == {"ct": Path("c.pt"),

@@ -129,8 +129,18 @@ def _configs_dir(bundle: Path) -> Path:
     return bundle / "configs"
 
 
+def _input_dims(bundle: Path) -> int:
+    """Spatial dims of the bundle's first input (``metadata.json``), as MONAI Label reads them (default 3)."""
+    try:
+        meta = json.loads((_configs_dir(bundle) / "metadata.json").read_text())
+        first = next(iter(meta["network_data_format"]["inputs"].values()))
+        return len(first.get("spatial_shape") or [0, 0, 0])
+    except (OSError, ValueError, KeyError, StopIteration):
+        return 3
+
+
 def find_bundles(paths: Sequence[str | os.PathLike] | None) -> list[Path]:
-    """Validate ``--bundle`` folders (default: every ``<repo>/bundles/*`` with an inference config).
+    """Validate ``--bundle`` folders (default: every 3D ``<repo>/bundles/*`` with an inference config).
 
     Raises:
         InputError: a folder is missing, has no ``configs/inference.json``/``metadata.json``, or two
@@ -138,11 +148,12 @@ def find_bundles(paths: Sequence[str | os.PathLike] | None) -> list[Path]:
     """
     if paths:
         bundles = [Path(p) for p in paths]
-    else:
+    else:  # the 3D bundles (radiology volumes); a 2D bundle is served only when named with --bundle
         root = REPO_ROOT / "bundles"
-        bundles = sorted(p for p in root.glob("*") if (_configs_dir(p) / "inference.json").exists())
+        bundles = sorted(p for p in root.glob("*") if (_configs_dir(p) / "inference.json").exists()
+                         and _input_dims(p) == 3)
         if not bundles:
-            raise InputError(root, "no bundle with configs/inference.json found; pass --bundle DIR")
+            raise InputError(root, "no 3D bundle with configs/inference.json found; pass --bundle DIR")
     seen: dict[str, Path] = {}
     for b in bundles:
         if not b.is_dir():
