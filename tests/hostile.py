@@ -155,6 +155,8 @@ CHECKPOINT_CASES: list[str] = []  # bad --checkpoint
 FOLDER_CASES: list[str] = []      # the input/dataset folder itself is bad
 
 _IMG = frozenset({READ, SEGMENT, CHECK, PLAN, TRAIN})
+#: valid files for the reader (it returns them as they are); the commands that expect one 3D channel judge them
+READER_ACCEPTS = frozenset({"volume_4d", "volume_2d", "wrong_channel_count", "tiny_volume"})
 _LBL = frozenset({CHECK, PLAN, TRAIN})
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import resource
@@ -17,6 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from bundle_helpers import TINY_PLAN
 from hostile import is_root
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,8 +159,7 @@ def error_lines(text: str) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # bundle training with tiny overrides
 BUNDLE_CT = REPO / "bundles" / "ct" / "configs"
-TINY_PLAN_JSON = ('{"patch_size": [16, 16, 16], "batch_size": 2, '
-                  '"network": {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "filters": [4, 8, 16]}}')
+TINY_PLAN_JSON = json.dumps(TINY_PLAN["ct"])  # the engine tests' tiny CT plan overrides
 _PHANTOMS: dict[int, Path] = {}
 
 
