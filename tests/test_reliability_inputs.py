@@ -471,3 +471,15 @@ def test_check_dataset_multimodal_channel_count(tmp_path):
     bad = [ln for ln in text.splitlines() if "imagesTr/one_002.nii.gz" in ln and ln.startswith("error")]
     assert bad and re.search(r"channel|modalit|3D|dimension", bad[0], re.I), text
     assert not [ln for ln in text.splitlines() if "two_00" in ln and ln.startswith("error")], text
+
+
+def test_exit_status_zero_when_everything_is_fine(tmp_path, tiny_checkpoint):
+    """The other end of 0/3/1: clean inputs give 0 and no error line, for segment, check-dataset, plan."""
+    hostile.write_dataset(tmp_path / "ds", good=2)
+    res = run_cli(_segment_argv([tmp_path / "ds" / "imagesTr"], tmp_path / "out", tiny_checkpoint))
+    assert res.code == 0 and not res.lines, res.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_000_seg.nii.gz", "good_001_seg.nii.gz"]
+    res = run_cli(["check-dataset", str(tmp_path / "ds")])
+    assert res.code == 0 and "error" not in res.stdout.lower(), res.stdout
+    res = run_cli(["plan", str(tmp_path / "ds"), "-o", str(tmp_path / "plan.json"), "--network", "unet"])
+    assert res.code == 0 and not res.lines and (tmp_path / "plan.json").exists(), res.stderr
