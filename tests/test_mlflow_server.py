@@ -79,7 +79,7 @@ def test_training_and_evaluation_are_logged_to_a_server(mlflow_server, tmp_path)
     train = runs["tiny-cells"]
     assert train.info.status == "FINISHED"
     params = train.data.params
-    assert params["max_epochs"] == "2" and params["learning_rate"] == "0.01" and params["bundle_name"] == "cells2d"
+    assert params["max_epochs"] == "2" and params["learning_rate"] == "0.001" and params["bundle_name"] == "cells2d"
     assert params["plan.network.name"] == "unet2015" and params["plan.patch_size"] == "[52, 52]"
     iterations = 2 * 3  # 3 training images, batch 1, 2 epochs
     assert len(client.get_metric_history(train.info.run_id, "train_loss")) == iterations

@@ -185,6 +185,7 @@ class EpochSeeder:
     Epoch ``e`` then draws the same patches, augmentations and shuffling whether the run went straight
     through or was resumed at ``e``, which is what makes resumed runs reproduce uninterrupted ones on
     CPU. ``transforms`` are objects with ``set_random_state`` (a MONAI ``Compose`` or dataset transform).
+    Under ``torch.distributed`` each rank gets its own stream (the rank is mixed into the seed).
     """
 
     def __init__(self, seed: int = 0, transforms=()):
@@ -197,7 +198,8 @@ class EpochSeeder:
     def __call__(self, engine: Engine) -> None:
         from monai.utils import set_determinism
 
-        seed = self.seed + int(engine.state.epoch)
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        seed = (self.seed + int(engine.state.epoch) + 100_003 * rank) % (2**32)
         set_determinism(seed=seed)
         for t in self.transforms:
             t.set_random_state(seed=seed)

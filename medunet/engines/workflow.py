@@ -62,8 +62,7 @@ def prepare_dataset(dataset_dir: str | os.PathLike, kind: str, cases: int = 12, 
             from medunet.data.phantoms import generate_dataset
 
             msg = f"dataset_dir {path} does not exist: generating {cases} {kind} phantoms there (size {size!r})"
-            logger.warning(msg)
-            print(msg, flush=True)
+            logger.warning(msg)  # (without logging set up, Python's last-resort handler prints it)
             generate_dataset(kind, path, cases=int(cases), seed=int(seed), size=size)
         _barrier()
     elif not path.is_dir():
