@@ -365,3 +365,33 @@ def test_segment_read_only_output_folder(segment_job, tmp_path):
     assert "Traceback" not in res.stderr, res.stderr
     assert "permission denied" in res.stderr.lower() and str(out) in res.stderr, res.stderr
     assert list(out.iterdir()) == []
+
+
+def test_no_unsafe_deserialisation_anywhere():
+    """Static guard over medunet/, scripts/ and the bundle configs: every torch.load passes
+    weights_only=True, and nothing calls pickle/dill/joblib loads, np.load(allow_pickle=True),
+    yaml.load without a safe loader, or torch.jit.load on user files outside medunet.io."""
+    import ast
+    import re as _re
+
+    offenders = []
+    for path in sorted([*(REPO / "medunet").rglob("*.py"), *(REPO / "scripts").rglob("*.py")]):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.Call):
+                continue
+            name = ast.unparse(node.func)
+            kwargs = {k.arg: ast.unparse(k.value) for k in node.keywords if k.arg}
+            where = f"{path.relative_to(REPO)}:{node.lineno}: {name}"
+            if name.endswith("torch.load") and kwargs.get("weights_only") != "True":
+                offenders.append(where)
+            elif _re.search(r"(^|\.)(pickle|cPickle|dill|joblib)\.loads?$", name):
+                offenders.append(where)
+            elif name.endswith(("np.load", "numpy.load")) and kwargs.get("allow_pickle") == "True":
+                offenders.append(where)
+            elif name.endswith("yaml.load") and "Safe" not in kwargs.get("Loader", ""):
+                offenders.append(where)
+    for cfg in sorted((REPO / "bundles").rglob("*.json")):
+        for m in _re.finditer(r"torch\.load\((?![^)]*weights_only\s*=\s*True)[^)]*\)", cfg.read_text()):
+            offenders.append(f"{cfg.relative_to(REPO)}: {m.group(0)}")
+    assert not offenders, "unsafe deserialisation:\n" + "\n".join(offenders)
