@@ -369,8 +369,8 @@ def test_segment_read_only_output_folder(segment_job, tmp_path):
 
 def test_no_unsafe_deserialisation_anywhere():
     """Static guard over medunet/, scripts/ and the bundle configs: every torch.load passes
-    weights_only=True, and nothing calls pickle/dill/joblib loads, np.load(allow_pickle=True),
-    yaml.load without a safe loader, or torch.jit.load on user files outside medunet.io."""
+    weights_only=True, and nothing calls pickle/dill/joblib loads, np.load(allow_pickle=True) or
+    yaml.load without a safe loader."""
     import ast
     import re as _re
 
