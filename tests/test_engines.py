@@ -158,3 +158,24 @@ def test_tracking_uri_default_and_params(monkeypatch, tmp_path):
     flat = flatten_params({"plan": {"network": {"name": "dynunet", "filters": [4, 8]}}, "lr": 0.01, "x y@": None})
     assert flat == {"plan.network.name": "dynunet", "plan.network.filters": "[4, 8]", "lr": "0.01", "x y_": "null"}
     assert os.environ["MLFLOW_TRACKING_URI"]
+
+
+def test_final_validation_when_last_epoch_was_not_validated(tmp_path):
+    net = torch.nn.Linear(2, 2)
+    runs = []
+
+    class Validator(_FakeValidator):
+        def run(self, epoch):
+            runs.append(epoch)
+            self.state.epoch = epoch
+            self.state.metrics = {"val_mean_dice": 0.1 * epoch}
+
+    validator = Validator()
+    manager = CheckpointManager(tmp_path / "models", tmp_path / "out", net, validator=validator)
+    trainer = Engine(lambda e, b: {"loss": 0.0})
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=2), lambda e: validator.run(e.state.epoch))
+    manager.attach(trainer)
+    trainer.run([0], max_epochs=3)
+    assert runs == [2, 3] and manager.best["epoch"] == 3
+    assert torch.load(tmp_path / "out" / "checkpoint_latest.pt", weights_only=True)["best"]["epoch"] == 3
+    assert (tmp_path / "models" / "model.pt").exists()

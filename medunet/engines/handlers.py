@@ -59,7 +59,10 @@ class CheckpointManager:
       continues at the next epoch; ``max_epochs`` keeps the value of the new run, so a finished run can
       be extended by restarting it with a larger ``max_epochs``;
     * early stopping: with ``patience > 0``, training stops after ``patience`` validations without an
-      improvement of the key metric.
+      improvement of the key metric;
+    * final validation: when the last trained epoch was not a validation epoch (``max_epochs`` not a
+      multiple of ``val_interval``), the validator runs once more at the end, so every run that trained
+      leaves a best model.
 
     All files are written atomically, and only by rank 0.
     """
@@ -101,6 +104,7 @@ class CheckpointManager:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.restore)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.final_validation)
 
     # -- resume -----------------------------------------------------------------------------------
     def restore(self, engine: Engine) -> None:
@@ -135,7 +139,29 @@ class CheckpointManager:
         value = v.state.metrics.get(self.key_metric)
         return None if value is None else float(value)
 
+    def final_validation(self, engine: Engine) -> None:
+        v = self.validator
+        trained = self.resumed_from is None or engine.state.epoch > self.resumed_from
+        if v is None or not trained or engine.state.epoch == 0 or self._validated_this_epoch(engine) is not None:
+            return
+        if not hasattr(v, "run"):
+            return
+        logger.info("epoch %d: final validation (the last epoch was not a validation epoch)", engine.state.epoch)
+        v.run(engine.state.epoch)
+        self._record(engine)
+        self.save_latest(engine)
+
     def epoch_completed(self, engine: Engine) -> None:
+        self._record(engine)
+        self.save_latest(engine)
+        if self.patience > 0 and self.best["stale"] >= self.patience:
+            logger.info("early stopping at epoch %d: no %s improvement in %d validations (best %.4f at %d)",
+                        engine.state.epoch, self.key_metric, self.best["stale"], self.best["metric"],
+                        self.best["epoch"])
+            engine.terminate()
+
+    def _record(self, engine: Engine) -> None:
+        """Update the best-model bookkeeping (and ``model.pt``) from this epoch's validation, if any."""
         value = self._validated_this_epoch(engine)
         if value is not None:
             if value > self.best["metric"] or self.best["epoch"] == 0:
@@ -145,12 +171,6 @@ class CheckpointManager:
                             self.best_path)
             else:
                 self.best["stale"] += 1
-        self.save_latest(engine)
-        if self.patience > 0 and self.best["stale"] >= self.patience:
-            logger.info("early stopping at epoch %d: no %s improvement in %d validations (best %.4f at %d)",
-                        engine.state.epoch, self.key_metric, self.best["stale"], self.best["metric"],
-                        self.best["epoch"])
-            engine.terminate()
 
     def save_best(self) -> None:
         if not is_rank0():
