@@ -7,7 +7,7 @@
 5. print where the label, the overlays and the MLflow run are.
 
 Everything goes to ``demo_output/``. Running it again resumes (a finished run is not retrained).
-Options: ``--epochs N`` (default 12), ``--cases N`` (default 12), ``--out DIR``.
+Options: ``--epochs N`` (default 16), ``--cases N`` (default 12), ``--out DIR``.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def _run_bundle(run_id: str, configs: list[str], overrides: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--out", default=str(REPO / "demo_output"))
     args = parser.parse_args(argv)
