@@ -86,7 +86,10 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--largest-component", action="store_true",
                    help="keep the largest connected component of each class")
     p.add_argument("--overlap", type=float, default=0.25, help="window overlap, 0 to <1 (default 0.25)")
-    p.add_argument("--roi-size", type=int, nargs="+", help="window size in voxels (default: the plan's patch)")
+    p.add_argument("--roi-size", type=int, nargs="+",
+                   help="window size in voxels (default: the plan's patch scaled up to ~1M voxels)")
+    p.add_argument("--cpu-bf16", choices=["auto", "on", "off"], default="auto",
+                   help="bfloat16 on the CPU (auto: when the CPU supports it natively)")
     p.add_argument("--sw-batch-size", type=int, default=1, help="windows per network call")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_segment)
@@ -100,13 +103,13 @@ def _run_segment(args: argparse.Namespace) -> int:
     if not args.bundle and not args.checkpoint:
         print("medunet segment: error: give --bundle and/or --checkpoint", file=sys.stderr)
         return EXIT_USAGE
-    roi = args.roi_size[0] if args.roi_size and len(args.roi_size) == 1 else args.roi_size
+    roi = (args.roi_size[0] if len(args.roi_size) == 1 else args.roi_size) if args.roi_size else "auto"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         predictor = Predictor.from_bundle(
             args.bundle, args.checkpoint, device=args.device, tta=args.tta, overlap=args.overlap, roi_size=roi,
             sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
-            progress=not args.no_progress,
+            progress=not args.no_progress, cpu_bf16={"on": True, "off": False}.get(args.cpu_bf16, "auto"),
         )
     for w in caught:
         print(f"medunet segment: warning: {w.message}", file=sys.stderr)
@@ -300,6 +303,44 @@ def _run_plan(args: argparse.Namespace) -> int:
     print(format_plan(plan))
     print(f"wrote {path}")
     return EXIT_PARTIAL if fingerprint["failed"] else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------------
+# medunet train / medunet evaluate: run a bundle (same as python -m monai.bundle run training|evaluating)
+def _add_bundle_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("bundle", help="bundle folder, e.g. bundles/ct (see bundles/*/docs/README.md)")
+    p.add_argument("--dataset-dir", help="MSD-layout dataset (default: phantoms generated in the bundle)")
+    p.add_argument("--output-dir", help="run folder: latest checkpoint, history, MLflow store, evaluation")
+    p.add_argument("--ckpt-dir", help="where the best model.pt and its plan.json go (default: <bundle>/models)")
+    p.add_argument("--device", help="e.g. cpu, cuda:0 (default: cuda:0 when available)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other top-level bundle id, JSON value (repeatable), e.g. --set max_epochs=50")
+
+
+@command
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a bundle (resumes automatically from its output dir)")
+    _add_bundle_run_args(p)
+    p.add_argument("--max-epochs", type=int)
+    p.set_defaults(func=_run_train, workflow="train")
+
+
+@command
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="evaluate a bundle's best model: per-case CSV, summary, overlays")
+    _add_bundle_run_args(p)
+    p.set_defaults(func=_run_train, workflow="evaluate")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from medunet.engines.workflow import parse_overrides, run_bundle_workflow
+
+    overrides = parse_overrides(args.set)
+    for key in ("dataset_dir", "output_dir", "ckpt_dir", "device", "max_epochs"):
+        if getattr(args, key, None) is not None:
+            overrides[key] = getattr(args, key)
+    run_bundle_workflow(args.bundle, args.workflow, overrides)
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------------

@@ -234,3 +234,19 @@ def test_inferer_keeps_metatensor_metadata_for_invertd():
         y = build_inferer(net, roi_size=(8, 8, 8))(x, net)
     assert isinstance(y, MetaTensor) and y.shape == (1, 2, 20, 16, 8)
     torch.testing.assert_close(y.affine, affine)
+
+
+def test_auto_window_is_the_whole_image_when_it_fits_else_the_patch_scaled_up():
+    from medunet.inference.sliding import auto_window
+
+    assert auto_window((256, 256, 158), (48, 48, 24), 16 * 2**20) == (256, 256, 158)
+    big = auto_window((512, 512, 300), (48, 48, 24), 8 * 2**20)
+    assert np.prod(big) <= 8 * 2**20 and big[0] == big[1] and abs(big[0] / big[2] - 2.0) < 0.1
+    flat = auto_window((600, 600, 20), (96, 96, 96), 4 * 2**20)  # z clipped: in-plane takes the budget
+    assert flat[2] == 20 and flat[0] > 400
+    net = networks.create("unet", spatial_dims=3, **networks.get_spec("unet").tiny_options).eval()
+    inferer = build_inferer(net, roi_size="auto", max_window_voxels=1000)
+    x = torch.randn(1, 1, 20, 20, 8)
+    with torch.inference_mode():
+        out = inferer(x, net)
+    assert out.shape == (1, 2, 20, 20, 8) and inferer.last_stats["windows"] > 1

@@ -49,6 +49,14 @@ __all__ = [
 ]
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bfloat16 natively on this CPU (AVX-512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"``/None → CUDA when available, else CPU; anything else as given (checked)."""
     if device is None or str(device) == "auto":
@@ -104,7 +112,8 @@ class Predictor:
         plan: the :class:`~medunet.data.Plan` used for training (orientation, spacing, normalisation).
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
         tta: average over all mirrored copies (8 in 3D, 4 in 2D), as nnU-Net does.
-        roi_size: input window (voxels); default ``plan.patch_size``.
+        roi_size: input window (voxels), ``None`` for the plan's patch, or ``"auto"`` (default): the
+            patch scaled up to ~1M voxels (see :class:`~medunet.inference.sliding.TiledInferer`).
         overlap: window overlap for 'same' networks (MONAI's bundles use 0.5; 0.25 costs ~2× less
             and agrees with it to >0.99 Dice in our benchmark).
         mode: window blending, ``"gaussian"`` or ``"constant"``.
@@ -114,8 +123,8 @@ class Predictor:
             ``"variance"`` (TTA variance; needs ``tta``).
         progress: tqdm bars over files and windows.
         channels_last: run 3D windows in ``channels_last_3d`` memory format.
-        cpu_bf16: bfloat16 autocast on the CPU (fast on CPUs with AVX-512-BF16/AMX; on CUDA, AMP is
-            always on).
+        cpu_bf16: bfloat16 autocast on the CPU; ``"auto"`` (default): when the CPU has native bf16
+            (AVX-512-BF16/AMX), where it is ~1.8× faster. On CUDA, float16 AMP is always on.
 
     Example:
         >>> predictor = Predictor.from_bundle("bundles/ct")
@@ -130,7 +139,7 @@ class Predictor:
         plan: Plan,
         device: str | torch.device = "auto",
         tta: bool = False,
-        roi_size: Sequence[int] | int | None = None,
+        roi_size: Sequence[int] | int | str | None = "auto",
         overlap: float = 0.25,
         mode: str = "gaussian",
         sw_batch_size: int = 1,
@@ -138,7 +147,7 @@ class Predictor:
         uncertainty: str | None = None,
         progress: bool = False,
         channels_last: bool = False,
-        cpu_bf16: bool = False,
+        cpu_bf16: bool | str = "auto",
     ) -> None:
         if uncertainty is not None and uncertainty not in UNCERTAINTY_KINDS:
             raise ValueError(f"uncertainty must be None or one of {UNCERTAINTY_KINDS}, got {uncertainty!r}")
@@ -151,6 +160,8 @@ class Predictor:
         self.largest_component = largest_component
         self.uncertainty = uncertainty
         self.progress = progress
+        if cpu_bf16 == "auto":
+            cpu_bf16 = cpu_has_native_bf16()
         self.inferer = build_inferer(self.network, plan, roi_size=roi_size, overlap=overlap, mode=mode,
                                      sw_batch_size=sw_batch_size, device=self.device, progress=progress,
                                      channels_last=channels_last, cpu_bf16=cpu_bf16)
@@ -248,7 +259,7 @@ class Predictor:
         slicewise = self.plan.spatial_dims == 2 and d == 3
         probs, variance = predict_probabilities(
             self._slicewise_logits if slicewise else self._logits, xp.unsqueeze(0), tta=self.tta,
-            mirror_axes=(0, 1) if slicewise else None, with_variance=self.uncertainty == "variance",
+            mirror_axes=(0, 1) if slicewise else self.plan.mirror_axes, with_variance=self.uncertainty == "variance",
         )
         t2 = time.perf_counter()
         k = probs.shape[1]
