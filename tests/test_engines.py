@@ -179,3 +179,27 @@ def test_final_validation_when_last_epoch_was_not_validated(tmp_path):
     assert runs == [2, 3] and manager.best["epoch"] == 3
     assert torch.load(tmp_path / "out" / "checkpoint_latest.pt", weights_only=True)["best"]["epoch"] == 3
     assert (tmp_path / "models" / "model.pt").exists()
+
+
+def test_cli_train_and_evaluate_a_bundle(tmp_path, capsys):
+    import json
+
+    from medunet.cli import main
+    from medunet.engines import parse_overrides
+
+    assert parse_overrides(["max_epochs=2", "run_name=abc", 'plan_overrides={"batch_size": 1}']) == {
+        "max_epochs": 2, "run_name": "abc", "plan_overrides": {"batch_size": 1}}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_overrides(["max_epochs"])
+    from bundle_helpers import TINY_PLAN
+
+    common = ["--dataset-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "eval"),
+              "--ckpt-dir", str(tmp_path / "models"), "--device", "cpu",
+              "--set", f"plan_overrides={json.dumps(TINY_PLAN['cells2d'])}", "--set", "phantom_cases=4",
+              "--set", "n_folds=4", "--set", "num_workers=0", "--set", "mlflow=false", "--set", "progress_bar=false"]
+    assert main(["train", str(BUNDLES / "cells2d"), "--max-epochs", "1", *common]) == 0
+    assert (tmp_path / "models" / "model.pt").exists()  # val_interval 5 > 1 epoch: final validation saved it
+    assert main(["evaluate", str(BUNDLES / "cells2d"), *common]) == 0
+    assert json.loads((tmp_path / "eval" / "evaluation" / "summary.json").read_text())["n_cases"] == 1
+    assert main(["train", str(tmp_path)]) == 1
+    assert "not a bundle" in capsys.readouterr().err

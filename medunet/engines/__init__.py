@@ -18,9 +18,11 @@ from medunet.engines.workflow import (
     PHANTOM_KINDS,
     list_images,
     locate_bundle,
+    parse_overrides,
     prepare_batch_with_weights,
     prepare_dataset,
     resolve_plan,
+    run_bundle_workflow,
     split_datalist,
     trained_plan_file,
 )
@@ -30,5 +32,5 @@ __all__ = [
     "plot_history", "CroppedLoss", "WeightMapLoss", "build_loss", "center_crop_to", "dice_ce_loss",
     "default_tracking_uri", "flatten_params", "segmentation_postprocessing", "locate_bundle",
     "prepare_dataset", "resolve_plan", "trained_plan_file", "split_datalist", "list_images",
-    "prepare_batch_with_weights", "PHANTOM_KINDS",
+    "prepare_batch_with_weights", "PHANTOM_KINDS", "parse_overrides", "run_bundle_workflow",
 ]

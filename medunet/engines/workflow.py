@@ -18,7 +18,7 @@ from medunet.engines.handlers import is_rank0
 
 __all__ = [
     "locate_bundle", "prepare_dataset", "resolve_plan", "trained_plan_file", "split_datalist",
-    "prepare_batch_with_weights", "list_images", "PHANTOM_KINDS",
+    "prepare_batch_with_weights", "list_images", "PHANTOM_KINDS", "parse_overrides", "run_bundle_workflow",
 ]
 
 logger = logging.getLogger("medunet.engines")
@@ -150,3 +150,39 @@ def prepare_batch_with_weights(batchdata: dict, device=None, non_blocking: bool 
     if "weight" in batchdata:
         label = torch.cat([torch.as_tensor(label), torch.as_tensor(batchdata["weight"]).to(label.dtype)], dim=1)
     return image, label.to(device=device, non_blocking=non_blocking, **kwargs)
+
+
+#: what ``medunet train``/``medunet evaluate`` run: (run id, config files merged in order)
+BUNDLE_WORKFLOWS = {"train": ("training", ["train.json"]), "evaluate": ("evaluating", ["train.json", "evaluate.json"])}
+
+
+def parse_overrides(pairs) -> dict:
+    """``["max_epochs=5", "plan_overrides={\\"batch_size\\": 1}"]`` → ``{"max_epochs": 5, ...}`` (JSON values,
+    plain strings otherwise)."""
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = str(pair).partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def run_bundle_workflow(bundle_dir: str | os.PathLike, workflow: str = "train", overrides: dict | None = None):
+    """Run a bundle's training (``train``) or evaluation (``evaluate``) in this process, like
+    ``python -m monai.bundle run training --config_file <bundle>/configs/train.json`` with ``bundle_root``
+    set to ``bundle_dir``."""
+    from monai.bundle import run
+
+    root = Path(bundle_dir).resolve()
+    configs_dir = root / "configs"
+    if not (configs_dir / "metadata.json").is_file():
+        raise FileNotFoundError(f"{root}: not a bundle (no configs/metadata.json)")
+    run_id, names = BUNDLE_WORKFLOWS[workflow]
+    logging_file = configs_dir / "logging.conf"
+    return run(run_id, config_file=[str(configs_dir / n) for n in names],
+               logging_file=str(logging_file) if logging_file.exists() else False,
+               **{"bundle_root": str(root), **(overrides or {})})
