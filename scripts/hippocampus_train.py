@@ -66,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-bf16", action="store_true", help="train in float32")
     p.add_argument("--augment", choices=("full", "flips", "none"), default="full")
     p.add_argument("--mirror-axes", type=int, nargs="*", default=None,
-                   help="axes mirrored by the training augmentation (default: all, as the Predictor's TTA; RAS axis 0 = left-right)")
+                   help="axes mirrored by the training augmentation, saved in the plan as the axes TTA mirrors "
+                        "(default: all; RAS axis 0 = left-right)")
     p.add_argument("--val-every", type=int, default=5, help="every n-th case is held out")
     p.add_argument("--cases", type=int, default=None, help="use only the first N cases (smoke tests)")
     p.add_argument("--no-tta", action="store_true", help="final evaluation without mirroring TTA")
@@ -88,6 +89,11 @@ def build_plan(args, log):
         plan.patch_size = [int(v) for v in args.patch]
     if args.batch:
         plan.batch_size = int(args.batch)
+    # the axes training mirrors are the axes test-time augmentation (Predictor, `medunet segment --tta`) mirrors
+    if args.augment == "none":
+        plan.mirror_axes = []
+    elif args.mirror_axes is not None:
+        plan.mirror_axes = sorted(set(args.mirror_axes))
     net = plan.build_network()
     plan.patch_size = list(net.valid_input_shape(plan.patch_size, mode="up"))
     log(f"plan: {plan.network} patch={plan.patch_size} batch={plan.batch_size} "
@@ -138,9 +144,8 @@ def main(argv=None) -> int:
     t_prep = time.perf_counter() - t_start
     log(f"cached {len(train_cases)} training + {len(val_cases)} validation cases in {t_prep:.1f}s")
 
-    mirror_axes = tuple(range(plan.spatial_dims)) if args.mirror_axes is None else tuple(args.mirror_axes)
     augment = {"full": AugmentConfig(), "flips": AugmentConfig.none(), "none": AugmentConfig.none()}[args.augment]
-    augment.mirror_axes = mirror_axes if args.augment != "none" else ()
+    augment.mirror_axes = tuple(plan.mirror_axes) if plan.mirror_axes is not None else tuple(range(plan.spatial_dims))
     sampler = PatchSampler(train_cases, plan.patch_size, plan.batch_size, augment=augment, seed=args.seed)
     torch.manual_seed(args.seed)
     network = plan.build_network()

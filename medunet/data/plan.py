@@ -42,6 +42,8 @@ class Plan:
         network: ``{"name": <registry name>, **options}`` for :func:`medunet.networks.create`.
         median_shape: median image shape after resampling.
         fingerprint: raw statistics the plan was derived from (spacings, shapes, intensities…).
+        mirror_axes: spatial axes the training augmentation mirrored, and so the axes test-time
+            augmentation may mirror (as nnU-Net's ``inference_allowed_mirroring_axes``); ``None``: all.
     """
 
     labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "foreground": 1})
@@ -57,6 +59,7 @@ class Plan:
     median_shape: list[int] | None = None
     fingerprint: dict = field(default_factory=dict)
     version: int = 1
+    mirror_axes: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -71,6 +74,8 @@ class Plan:
             raise ValueError(f"plan: labels need a background 0 and distinct values, got {self.labels}")
         if len(self.patch_size) != self.spatial_dims:
             raise ValueError(f"plan: patch_size {self.patch_size} does not have {self.spatial_dims} axes")
+        if self.mirror_axes is not None and any(int(a) not in range(self.spatial_dims) for a in self.mirror_axes):
+            raise ValueError(f"plan: mirror_axes {self.mirror_axes} must be spatial axes 0…{self.spatial_dims - 1}")
 
     # -- derived ----------------------------------------------------------------------------------
     @property
