@@ -175,6 +175,17 @@ def train_command(data: Path, out: Path, epochs: int = 2, config: Path | None = 
             "--phantom_cases", "4"]
 
 
+def medunet_train_argv(bundle: Path, data: Path, out: Path, epochs: int = 1) -> list[str]:
+    """``medunet train BUNDLE`` (the medunet entry point for bundle training) with the same tiny overrides."""
+    sets = {"num_workers": "0", "mlflow": "false", "progress_bar": "false", "plan_overrides": TINY_PLAN_JSON,
+            "n_folds": "4", "phantom_cases": "4", "val_interval": "1"}
+    argv = ["train", str(bundle), "--dataset-dir", str(data), "--output-dir", str(out / "eval"),
+            "--ckpt-dir", str(out / "models"), "--max-epochs", str(epochs)]
+    for key, value in sets.items():
+        argv += ["--set", f"{key}={value}"]
+    return medunet_argv(*argv)
+
+
 def train_env() -> dict:
     env = dict(os.environ)
     env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"})

@@ -379,25 +379,26 @@ def test_debug_flag_shows_the_traceback(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# bundle training (python -m monai.bundle run training ...)
+# bundle training through medunet's entry point (medunet train BUNDLE ...)
 def _assert_one_clear_line(res, *needles):
     text = res.stdout + res.stderr
     assert res.code not in (0, -6, 134), f"exit {res.code}"  # -6/134: aborted (SIGABRT), not a clean failure
+    assert not traceback_in(text), f"traceback shown without --debug ({len(text.splitlines())} lines):\n{text[-2000:]}"
     hits = [ln for ln in text.splitlines() if all(n.lower() in ln.lower() for n in needles)]
     assert hits, f"no line names {needles}:\n{text[-3000:]}"
-    assert not traceback_in(text), f"traceback shown without --debug ({len(text.splitlines())} lines):\n{text[-2000:]}"
 
 
 @pytest.mark.slow
 def test_bundle_config_with_typod_id(tmp_path):
-    """train.json with ``@netwrok_def``: one line naming the config file and the unknown id, nothing
-    trained or saved."""
-    from reliability_support import BUNDLE_CT, shared_ct_phantoms, train_command, train_env
+    """A bundle whose train.json says ``@netwrok_def``: one line naming the config file and the unknown
+    id, nothing trained or saved."""
+    from reliability_support import BUNDLE_CT, medunet_train_argv, shared_ct_phantoms, train_env
 
-    config, wrong = hostile.typo_config(BUNDLE_CT / "train.json", tmp_path / "bundle" / "configs" / "train.json")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(BUNDLE_CT.parent, bundle, ignore=shutil.ignore_patterns("eval", "models", "data"))
+    config, wrong = hostile.typo_config(BUNDLE_CT / "train.json", bundle / "configs" / "train.json")
     out = tmp_path / "run"
-    res = run_subprocess(train_command(shared_ct_phantoms(), out, epochs=1, config=config), cwd=tmp_path,
-                         env=train_env())
+    res = run_subprocess(medunet_train_argv(bundle, shared_ct_phantoms(), out), cwd=tmp_path, env=train_env())
     assert not (out / "models" / "model.pt").exists() and not (out / "eval" / "checkpoint_latest.pt").exists()
     assert_nothing_partial(out)
     _assert_one_clear_line(res, wrong, config.name)
@@ -407,19 +408,19 @@ def test_bundle_config_with_typod_id(tmp_path):
 def test_bundle_training_with_bad_cases(tmp_path):
     """A corrupt image, a label of the wrong shape and a label with an undeclared class among the
     training cases: one line naming each (refuse up front, or skip them and train on the rest), not a
-    100-line traceback ending in an abort."""
-    from reliability_support import shared_ct_phantoms, train_command, train_env
+    traceback or an abort."""
+    from reliability_support import BUNDLE_CT, medunet_train_argv, shared_ct_phantoms, train_env
 
     data = tmp_path / "data"
     shutil.copytree(shared_ct_phantoms(), data)
     cases = [hostile.inject_case(data, n) for n in ("corrupt_gzip", "label_shape_mismatch", "label_outside_classes")]
     out = tmp_path / "run"
-    res = run_subprocess(train_command(data, out, epochs=1), cwd=tmp_path, env=train_env())
+    res = run_subprocess(medunet_train_argv(BUNDLE_CT.parent, data, out), cwd=tmp_path, env=train_env())
     text = res.stdout + res.stderr
-    unnamed = [c.name for c in cases if not [ln for ln in text.splitlines() if c.matches(ln, pair=True)]]
+    assert res.code not in (-6, 134), f"aborted (exit {res.code}):\n{text[-1500:]}"
     assert not traceback_in(text), f"traceback shown without --debug ({len(text.splitlines())} lines):\n{text[-2000:]}"
+    unnamed = [c.name for c in cases if not [ln for ln in text.splitlines() if c.matches(ln, pair=True)]]
     assert not unnamed, f"not named: {unnamed}\n{text[-3000:]}"
-    assert res.code not in (-6, 134), "aborted"
     if res.code != 0:
         assert not (out / "models" / "model.pt").exists()
     assert_nothing_partial(out)
