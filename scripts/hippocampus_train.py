@@ -55,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="what --time-budget counts: wall seconds or process CPU seconds (for a shared machine)")
     p.add_argument("--max-iterations", type=int, default=None)
     p.add_argument("--eval-interval", type=float, default=120.0, help="seconds between validation points (0: end only)")
-    p.add_argument("--patch", type=int, nargs="+", default=None, help="training patch (default: the planner's)")
+    p.add_argument("--patch", type=int, nargs="+", default=None,
+                   help="training patch (default: the median crop rounded up to a network-valid size, 40x56x40)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default: the planner's)")
     p.add_argument("--network-options", default=None,
                    help="JSON merged into the plan's network options, e.g. '{\"filters\": [16,32,64,128]}'")
@@ -65,9 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--no-bf16", action="store_true", help="train in float32")
     p.add_argument("--augment", choices=("full", "flips", "none"), default="full")
-    p.add_argument("--mirror-axes", type=int, nargs="*", default=None,
+    p.add_argument("--mirror-axes", type=int, nargs="*", default=[0],
                    help="axes mirrored by the training augmentation, saved in the plan as the axes TTA mirrors "
-                        "(default: all; RAS axis 0 = left-right)")
+                        "(default: 0 = left-right, as the crops hold left and right hippocampi)")
     p.add_argument("--val-every", type=int, default=5, help="every n-th case is held out")
     p.add_argument("--cases", type=int, default=None, help="use only the first N cases (smoke tests)")
     p.add_argument("--no-tta", action="store_true", help="final evaluation without mirroring TTA")
@@ -85,8 +86,9 @@ def build_plan(args, log):
     if args.network_options:
         network.update(json.loads(args.network_options))
     plan.network = network
-    if args.patch:
-        plan.patch_size = [int(v) for v in args.patch]
+    net = plan.build_network()
+    # the recipe's patch covers the median crop (the CPU planner shrinks it to bound the cost per step)
+    plan.patch_size = [int(v) for v in args.patch] if args.patch else list(plan.median_shape or plan.patch_size)
     if args.batch:
         plan.batch_size = int(args.batch)
     # the axes training mirrors are the axes test-time augmentation (Predictor, `medunet segment --tta`) mirrors
@@ -94,10 +96,9 @@ def build_plan(args, log):
         plan.mirror_axes = []
     elif args.mirror_axes is not None:
         plan.mirror_axes = sorted(set(args.mirror_axes))
-    net = plan.build_network()
     plan.patch_size = list(net.valid_input_shape(plan.patch_size, mode="up"))
     log(f"plan: {plan.network} patch={plan.patch_size} batch={plan.batch_size} "
-        f"spacing={plan.target_spacing} norm={plan.normalization}")
+        f"mirror_axes={plan.mirror_axes} spacing={plan.target_spacing} norm={plan.normalization}")
     return plan
 
 
