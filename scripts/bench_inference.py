@@ -86,6 +86,13 @@ def dice(a: np.ndarray, b: np.ndarray, classes) -> float:
     return float(np.mean(scores))
 
 
+def micro_dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Voxel-weighted agreement of two label maps: 2·|same foreground label| / (|fg a| + |fg b|)."""
+    fa, fb = a > 0, b > 0
+    denom = fa.sum() + fb.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(fa, a == b).sum() / denom)
+
+
 def conv3d_roofline(dtype=torch.float32, channels=32, size=64, repeats=3) -> float:
     """Best GFLOP/s of a 3×3×3 conv3d (``channels``→``channels``, ``size``³) on this CPU."""
     conv = torch.nn.Conv3d(channels, channels, 3, padding=1).eval()
@@ -222,10 +229,17 @@ def main() -> None:
             flops = forward_flops(predictor.network, stats["tile_in"]) * stats["computed"]
             n = stats["windows"]
         net_s = stats["network_s"]
+        log(f"    voxels per class {[int((pred.label == c).sum()) for c in classes]}, ground truth "
+            f"{[int((truth == c).sum()) for c in classes]}")
         row = {"name": name, "seconds": pred.seconds, "network_s": net_s, "rss_mib": rss.increase, "windows": n,
                "gflops": flops / 1e9, "label": pred.label, "gt_dice": dice(pred.label, truth, classes)}
         if reference is not None:
             row["agreement"] = dice(pred.label, reference, classes)
+            row["agreement_voxels"] = micro_dice(pred.label, reference)
+            per_class = [dice(pred.label, reference, [c]) for c in classes]
+            counts = [int((pred.label == c).sum()) for c in classes]
+            log(f"    agreement per class {[round(v, 3) for v in per_class]} (voxels {counts}), "
+                f"voxel-weighted {row['agreement_voxels']:.4f}")
         log(f"  {name:<48} {pred.seconds:7.2f}s (pre {stats['preprocess_s']:.1f}s, windows {net_s:.1f}s, back "
             f"{stats['restore_s']:.1f}s)  +{rss.increase:5.0f} MiB  {n:3d} windows  "
             f"{flops / 1e9 / net_s:5.1f} GFLOP/s  GT Dice {row['gt_dice']:.4f}"
