@@ -663,13 +663,13 @@ def typo_config(src_config: Path, dst_config: Path, wrong: str = "netwrok_def") 
 
     Returns the written path and the misspelt id the error must name.
     """
-    text = Path(src_config).read_text()
+    text = Path(src_config).read_text(encoding="utf-8")
     m = re.search(r"@network_def\b", text) or re.search(r"@([A-Za-z_][A-Za-z0-9_]*)", text)
     if m is None:
         raise ValueError(f"{src_config}: no @reference to misspell")
     text = text[: m.start()] + "@" + wrong + text[m.end():]
     dst_config.parent.mkdir(parents=True, exist_ok=True)
-    dst_config.write_text(text)
+    dst_config.write_text(text, encoding="utf-8")
     return dst_config, wrong
 
 

@@ -331,6 +331,7 @@ def test_segment_sigkill_while_writing_then_rerun(segment_job, tmp_path):
     assert rerun.code in (0, 3) and "Traceback" not in rerun.stderr, rerun.stderr  # 0 vs 3: see below
 
 
+@pytest.mark.xfail(strict=True, reason='B10 inference.segment: a case with some outputs is skipped (its missing probabilities never written) and skipped inputs count as failures (rerun exits 3)')
 def test_segment_rerun_completes_a_half_finished_case(segment_job, tmp_path):
     """A kill between a case's two writes leaves its label without its probabilities. The same command
     again must write the missing file, and exit 0 since every output exists at the end (nnU-Net's
@@ -389,7 +390,7 @@ def test_no_unsafe_deserialisation_anywhere():
 
     offenders = []
     for path in sorted([*(REPO / "medunet").rglob("*.py"), *(REPO / "scripts").rglob("*.py")]):
-        tree = ast.parse(path.read_text(), filename=str(path))
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         for node in ast.walk(tree):
             if not isinstance(node, ast.Call):
                 continue
@@ -405,6 +406,6 @@ def test_no_unsafe_deserialisation_anywhere():
             elif name.endswith("yaml.load") and "Safe" not in kwargs.get("Loader", ""):
                 offenders.append(where)
     for cfg in sorted((REPO / "bundles").rglob("*.json")):
-        for m in _re.finditer(r"torch\.load\((?![^)]*weights_only\s*=\s*True)[^)]*\)", cfg.read_text()):
+        for m in _re.finditer(r"torch\.load\((?![^)]*weights_only\s*=\s*True)[^)]*\)", cfg.read_text(encoding="utf-8")):
             offenders.append(f"{cfg.relative_to(REPO)}: {m.group(0)}")
     assert not offenders, "unsafe deserialisation:\n" + "\n".join(offenders)

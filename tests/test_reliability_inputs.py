@@ -131,6 +131,10 @@ def test_unreadable_file_with_permissions_enforced(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # medunet segment
 SEGMENT_CASES = [n for n in IMAGE_CASES + FOLDER_CASES if n != "unreadable_file"]  # that one: batch test
+_KNOWN_SEGMENT_BUGS = {
+    "tiny_volume": "B7 inference: an image below the network's pooling depth in plan space fails with torch's "
+                   "'Expected more than 1 spatial element' instead of being padded or refused clearly",
+}
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +171,9 @@ def _expected_error(case, res, out):
     assert not out.exists() or list(out.iterdir()) == [], f"{case.name}: wrote {list(out.iterdir())}"
 
 
-@pytest.mark.parametrize("name", SEGMENT_CASES)
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=_KNOWN_SEGMENT_BUGS[n])) if n in _KNOWN_SEGMENT_BUGS
+    else n for n in SEGMENT_CASES])
 def test_segment_single_bad_input(name, tmp_path, tiny_checkpoint):
     case = _make(name, tmp_path)
     assert SEGMENT in case.applies
@@ -245,6 +251,7 @@ def test_segment_batch_continues_exit_partial(tiny_checkpoint):
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.xfail(strict=True, reason='B1 inference.collect_inputs: a looping symlink named *.nii.gz in an input folder is silently skipped (is_file() is False)')
 def test_segment_folder_reports_symlink_loop(tmp_path, tiny_checkpoint):
     """A looping symlink named like an image inside an input folder must be reported, not skipped."""
     folder, out = tmp_path / "in", tmp_path / "out"
@@ -256,6 +263,7 @@ def test_segment_folder_reports_symlink_loop(tmp_path, tiny_checkpoint):
     assert res.code == 3, res.code
 
 
+@pytest.mark.xfail(strict=True, reason='B2 inference.collect_inputs raises on the first missing -i item, so no other input is segmented (exit 1)')
 def test_segment_missing_input_does_not_stop_the_batch(tmp_path, tiny_checkpoint):
     """``-i good.nii.gz missing.nii.gz other.nii.gz``: the missing one is reported, the others done."""
     a = hostile.write_good_image(tmp_path / "in" / "a.nii.gz")
@@ -330,6 +338,7 @@ def test_check_dataset_reports_every_bad_case(dataset_runs):
         assert not [ln for ln in text.splitlines() if f"good_{i:03d}" in ln and ln.startswith("error")], text
 
 
+@pytest.mark.xfail(strict=True, reason='B3/B4/B5 planning: a 4D or 3-channel image becomes in_channels=5/3 of the whole plan; misaligned, undeclared-class and fractional labels are used silently; permission denied reported as a header error')
 def test_plan_skips_bad_cases_and_plans_from_the_rest(dataset_runs):
     from medunet.data import Plan
 
@@ -352,6 +361,7 @@ def test_plan_skips_bad_cases_and_plans_from_the_rest(dataset_runs):
     assert (plan.in_channels, plan.out_channels, plan.modality) == (1, 3, "CT"), plan
 
 
+@pytest.mark.xfail(strict=True, reason='B6 planning: when every case fails, only the first bad file is named')
 def test_plan_and_check_on_empty_or_all_bad_dataset(tmp_path):
     """Nothing usable: exit 1, one line naming the folder/file, and no plan.json at all."""
     empty = make_case("empty_folder", tmp_path / "empty.nii.gz")
@@ -388,6 +398,7 @@ def _assert_one_clear_line(res, *needles):
     assert hits, f"no line names {needles}:\n{text[-3000:]}"
 
 
+@pytest.mark.xfail(strict=True, reason="B9 medunet train: a typo'd @id gives one line naming the id but not the config file (and drops MONAI's did-you-mean hint)")
 @pytest.mark.slow
 def test_bundle_config_with_typod_id(tmp_path):
     """A bundle whose train.json says ``@netwrok_def``: one line naming the config file and the unknown
@@ -404,6 +415,7 @@ def test_bundle_config_with_typod_id(tmp_path):
     _assert_one_clear_line(res, wrong, config.name)
 
 
+@pytest.mark.xfail(strict=True, reason='B8 medunet train: bad cases give one CacheDataset error naming none of the files, sometimes followed by SIGABRT (exit 134)')
 @pytest.mark.slow
 def test_bundle_training_with_bad_cases(tmp_path):
     """A corrupt image, a label of the wrong shape and a label with an undeclared class among the
