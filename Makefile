@@ -26,6 +26,9 @@ demo: venv
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# everything CI runs: the main suite and the real MONAI Label server test
+test-all: test test-label
+
 lint: venv
 	$(PY) -m ruff check medunet tests scripts
 
