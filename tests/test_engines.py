@@ -203,3 +203,67 @@ def test_cli_train_and_evaluate_a_bundle(tmp_path, capsys):
     assert json.loads((tmp_path / "eval" / "evaluation" / "summary.json").read_text())["n_cases"] == 1
     assert main(["train", str(tmp_path)]) == 1
     assert "not a bundle" in capsys.readouterr().err
+
+
+def _capture_engine_warnings(monkeypatch) -> list[str]:
+    import logging
+
+    lines: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("medunet.engines")
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    monkeypatch.setattr(logger, "disabled", False)
+    monkeypatch.setattr(logger, "handlers", [*logger.handlers, handler])
+    return lines
+
+
+def test_split_datalist_skips_bad_cases_one_line_each(ct_data, tmp_path, monkeypatch):
+    """A truncated image and a label with an undeclared value: each named on one warning line, the
+    folds made from the other cases; ``check=False`` keeps them; no usable case at all refuses."""
+    import shutil
+
+    import nibabel as nib
+    import numpy as np
+
+    from medunet.engines import split_datalist
+
+    data = Path(shutil.copytree(ct_data, tmp_path / "data"))
+    images = sorted((data / "imagesTr").glob("*.nii.gz"))
+    images[0].write_bytes(images[0].read_bytes()[:300])
+    label = data / "labelsTr" / images[1].name
+    nii = nib.load(label)
+    values = np.asarray(nii.dataobj).astype(np.uint8)
+    values[0, 0, 0] = 9
+    nib.save(nib.Nifti1Image(values, nii.affine), label)
+    lines = _capture_engine_warnings(monkeypatch)
+    split = split_datalist(data, n_folds=2)
+    used = {Path(item["image"]).name for part in split.values() for item in part}
+    assert used == {p.name for p in images[2:]}
+    assert any(str(images[0]) in ln and "skipping" in ln for ln in lines), lines
+    assert any(str(label) in ln and "9" in ln and "label-values" in ln for ln in lines), lines
+    assert sum(len(part) for part in split_datalist(data, n_folds=2, check=False).values()) == len(images)
+    for image in images[2:]:
+        image.write_bytes(b"")
+    with pytest.raises(ValueError, match="none of the 4 training case"):
+        split_datalist(data, n_folds=2)
+
+
+def test_undefined_reference_names_the_config_file(tmp_path):
+    """MONAI's "referring item `@x` is not defined" becomes one line: config file, the id, the suggestion."""
+    from monai.bundle import ConfigParser
+
+    from medunet.engines.workflow import explain_config_error
+
+    other = tmp_path / "evaluate.json"
+    other.write_text('{"x": 1}')
+    config = tmp_path / "train.json"
+    config.write_text('{"network_def": 1, "network": "$@netwrok_def + 1"}')
+    parser = ConfigParser()
+    parser.read_config([str(other), str(config)])
+    with pytest.raises(ValueError) as info:
+        parser.get_parsed_content("network")
+    err = explain_config_error(info.value, [other, config])
+    assert str(err) == f"{config}: reference '@netwrok_def' is not defined in the config; did you mean '@network_def'?"
+    assert len(str(err).splitlines()) == 1
+    assert explain_config_error(ValueError("something else"), [config]) is None

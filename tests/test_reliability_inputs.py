@@ -398,7 +398,6 @@ def _assert_one_clear_line(res, *needles):
     assert hits, f"no line names {needles}:\n{text[-3000:]}"
 
 
-@pytest.mark.xfail(strict=True, reason="B9 medunet train: a typo'd @id gives one line naming the id but not the config file (and drops MONAI's did-you-mean hint)")
 @pytest.mark.slow
 def test_bundle_config_with_typod_id(tmp_path):
     """A bundle whose train.json says ``@netwrok_def``: one line naming the config file and the unknown
@@ -415,7 +414,6 @@ def test_bundle_config_with_typod_id(tmp_path):
     _assert_one_clear_line(res, wrong, config.name)
 
 
-@pytest.mark.xfail(strict=True, reason='B8 medunet train: bad cases give one CacheDataset error naming none of the files, sometimes followed by SIGABRT (exit 134)')
 @pytest.mark.slow
 def test_bundle_training_with_bad_cases(tmp_path):
     """A corrupt image, a label of the wrong shape and a label with an undeclared class among the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from medunet.engines.handlers import is_rank0
 __all__ = [
     "locate_bundle", "prepare_dataset", "resolve_plan", "trained_plan_file", "split_datalist",
     "prepare_batch_with_weights", "list_images", "PHANTOM_KINDS", "parse_overrides", "run_bundle_workflow",
+    "screen_datalist", "BundleConfigError", "explain_config_error",
 ]
 
 logger = logging.getLogger("medunet.engines")
@@ -116,17 +118,89 @@ def trained_plan_file(ckpt_dir: str | os.PathLike, default: str | os.PathLike) -
     return str(trained if trained.exists() else default)
 
 
-def split_datalist(dataset_dir: str | os.PathLike, n_folds: int = 5, fold: int = 0, seed: int = 0) -> dict:
+def split_datalist(dataset_dir: str | os.PathLike, n_folds: int = 5, fold: int = 0, seed: int = 0,
+                   check: bool = True) -> dict:
     """``{"train": [...], "val": [...]}`` of ``{"image", "label"}`` dicts: fold ``fold`` of a seeded k-fold
-    split of the dataset's training cases (MSD layout or a datalist JSON)."""
+    split of the dataset's training cases (MSD layout or a datalist JSON).
+
+    With ``check`` (the default) bad cases are dropped first, one warning line per problem
+    (:func:`screen_datalist`), so the folds are made from the usable cases; ``check=False`` skips the
+    pre-flight read of every file (large datasets already verified with ``medunet check-dataset``).
+    """
     from medunet.data.datalist import kfold_split, load_datalist
 
     items = load_datalist(dataset_dir)
+    if check:
+        items = screen_datalist(items, dataset_dir)
     if len(items) < 2:
         raise ValueError(f"{dataset_dir}: need at least 2 labelled cases to hold one out for validation")
     n_folds = max(2, min(int(n_folds), len(items)))
     train, val = kfold_split(items, n_folds, int(fold), seed=int(seed))
     return {"train": list(train), "val": list(val)}
+
+
+def _item_paths(item: dict) -> list[Path]:
+    paths = []
+    for key in ("image", "label"):
+        value = item.get(key)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, (str, os.PathLike)):
+                paths.append(Path(v))
+    return paths
+
+
+def _problems_by_file(items: list[dict], dataset_dir: str | os.PathLike) -> dict[Path, list[str]]:
+    """Resolved path → one-line error messages, for every file of ``items`` that fails the per-case checks.
+
+    A dataset folder goes through :func:`medunet.data.check.check_dataset` (readability, finite voxels,
+    spacing, label shape/geometry vs the image, label values declared in dataset.json, ...); for a
+    datalist JSON each file is at least read with :func:`medunet.io.read_image`.
+    """
+    found: dict[Path, list[str]] = {}
+    if Path(dataset_dir).is_dir():
+        from medunet.data.check import check_dataset
+
+        for problem in check_dataset(dataset_dir).errors:
+            found.setdefault(Path(problem.path).resolve(), []).append(f"{problem.path}: {problem.message} [{problem.kind}]")
+        return found
+    from medunet.io import InputError, read_image
+
+    for path in {p for item in items for p in _item_paths(item)}:
+        try:
+            read_image(path)
+        except InputError as e:
+            found.setdefault(path.resolve(), []).append(str(e))
+        except Exception as e:  # any reader failure still names the file
+            found.setdefault(path.resolve(), []).append(f"{path}: {type(e).__name__}: {e}")
+    return found
+
+
+def screen_datalist(items: list[dict], dataset_dir: str | os.PathLike) -> list[dict]:
+    """The cases of ``items`` whose image(s) and label pass the pre-flight checks.
+
+    Every problem of a dropped case is logged as one warning line naming the file and the problem
+    (``skipping training case <image>: <file>: <problem> [<kind>]``); training goes on with the rest, as
+    ``medunet plan`` does. When no case is left, ``ValueError`` lists every bad file, one per line.
+    """
+    problems = _problems_by_file(items, dataset_dir)
+    good, lines = [], []
+    for item in items:
+        messages = [m for p in _item_paths(item) for m in problems.get(p.resolve(), [])]
+        if not messages:
+            good.append(item)
+            continue
+        lines += messages
+        if is_rank0():
+            for message in messages:
+                logger.warning("skipping training case %s: %s", item.get("image"), message)
+    if lines and not good:
+        raise ValueError(f"{dataset_dir}: none of the {len(items)} training case(s) is usable "
+                         f"({len(lines)} problem(s), each logged above as one line: " + "; ".join(lines[:3])
+                         + ("; ..." if len(lines) > 3 else "") + ")")
+    if lines and is_rank0():
+        logger.warning("%s: training on %d of %d cases (%d skipped, see above; `medunet check-dataset %s` "
+                       "lists every problem)", dataset_dir, len(good), len(items), len(items) - len(good), dataset_dir)
+    return good
 
 
 def list_images(input_dir: str | os.PathLike) -> list[dict]:
@@ -183,6 +257,55 @@ def run_bundle_workflow(bundle_dir: str | os.PathLike, workflow: str = "train", 
         raise FileNotFoundError(f"{root}: not a bundle (no configs/metadata.json)")
     run_id, names = BUNDLE_WORKFLOWS[workflow]
     logging_file = configs_dir / "logging.conf"
-    return run(run_id, config_file=[str(configs_dir / n) for n in names],
-               logging_file=str(logging_file) if logging_file.exists() else False,
-               **{"bundle_root": str(root), **(overrides or {})})
+    config_files = [configs_dir / n for n in names]
+    try:
+        return run(run_id, config_file=[str(c) for c in config_files],
+                   logging_file=str(logging_file) if logging_file.exists() else False,
+                   **{"bundle_root": str(root), **(overrides or {})})
+    except Exception as e:
+        from medunet.data.datasets import find_input_error
+
+        better = explain_config_error(e, config_files, overrides) or find_input_error(e)
+        if better is None or better is e:
+            raise
+        raise better from e
+
+
+class BundleConfigError(ValueError):
+    """A bundle config refers to an id it does not define; ``str()`` names the config file."""
+
+
+_UNDEFINED_REF = re.compile(r"referring item `@([^`]+)` is not defined")
+_DID_YOU_MEAN = re.compile(r"did you mean '([^']+)'")
+
+
+def explain_config_error(exc: BaseException, config_files, overrides: dict | None = None) -> BundleConfigError | None:
+    """Turn MONAI's "referring item `@x` is not defined" into one line naming the config file(s) that
+    use ``@x`` and MONAI's "did you mean" suggestion (found on the exception chain); ``None`` for other
+    errors."""
+    m = _UNDEFINED_REF.search(str(exc))
+    if m is None:
+        return None
+    ref = m.group(1)
+    hint = None
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen and hint is None:
+        seen.add(id(e))
+        if (h := _DID_YOU_MEAN.search(str(e))) is not None:
+            hint = h.group(1)
+        e = e.__cause__ or e.__context__
+    use = re.compile(r"@" + re.escape(ref) + r"(?![A-Za-z0-9_#])")
+    where = []
+    for path in config_files:
+        try:
+            if use.search(Path(path).read_text(encoding="utf-8")):
+                where.append(str(path))
+        except OSError:
+            continue
+    if not where and any(use.search(json.dumps(v)) for v in (overrides or {}).values()):
+        where.append("the --set overrides")
+    if not where:
+        where = [str(p) for p in config_files]
+    suggestion = f"; did you mean '@{hint}'?" if hint else ""
+    return BundleConfigError(f"{', '.join(where)}: reference '@{ref}' is not defined in the config{suggestion}")
