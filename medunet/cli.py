@@ -291,11 +291,16 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from medunet.data.planning import fingerprint_dataset, format_plan, plan_dataset
+    from medunet.data.planning import NoUsableCases, fingerprint_dataset, format_plan, plan_dataset
 
-    fingerprint = fingerprint_dataset(args.dataset, intensity_cases=args.intensity_cases)
-    for problem in fingerprint["failed"]:
+    try:
+        fingerprint = fingerprint_dataset(args.dataset, intensity_cases=args.intensity_cases)
+    except NoUsableCases as e:  # every refused file on its own line, then main's one error line
+        fingerprint, refused = None, e
+    for problem in (refused.failed if fingerprint is None else fingerprint["failed"]):
         print(f"medunet plan: skipped {problem}", file=sys.stderr)
+    if fingerprint is None:
+        raise refused
     plan = plan_dataset(args.dataset, network=args.network, spatial_dims=args.dims,
                         memory_budget_mb=args.memory_budget, gpu=args.gpu, gflops_budget=args.gflops_budget,
                         fingerprint=fingerprint)

@@ -164,3 +164,58 @@ def test_hippocampus_plan(hippocampus_dir):
     gpu = plan_dataset(hippocampus_dir, fingerprint=fp, gpu=True)
     json.dumps(gpu.to_dict())
     print("hippocampus plan (cpu):", plan.patch_size, plan.batch_size, "(gpu):", gpu.patch_size, gpu.batch_size)
+
+
+def _rewrite_4d(path, frames: int) -> None:
+    """Replace a 3D NIfTI by a (X, Y, Z, frames) one on the same grid."""
+    img = nib.load(path)
+    data = np.stack([np.asarray(img.dataobj)] * frames, axis=-1)
+    nib.save(nib.Nifti1Image(data, img.affine), path)
+
+
+def test_header_only_cases_are_refused_with_the_readers_wording(tmp_path):
+    """With --intensity-cases the other cases are judged from their headers: a 4D image in a 1-modality
+    dataset and a PNG named .nii.gz are refused (io's own wording), the plan keeps 1 channel."""
+    data = generate_dataset("mri", tmp_path / "mri", cases=3, seed=0, size="small", test_cases=0)
+    items = load_datalist(data)
+    _rewrite_4d(items[1]["image"], 2)
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(items[2]["image"], format="PNG")
+    fp = fingerprint_dataset(data, intensity_cases=1)  # only case 0 has its voxels read
+    assert fp["n_cases"] == 1 and fp["n_refused"] == 2 and fp["in_channels"] == 1
+    assert [line.split(": ")[0] for line in fp["failed"]] == [items[1]["image"], items[2]["image"]]
+    assert "4D image with 2 frames/channels where dataset.json declares 1 modality" in fp["failed"][0]
+    assert "PNG" in fp["failed"][1]
+
+
+def test_without_dataset_json_the_majority_sets_the_channels(tmp_path):
+    data = generate_dataset("mri", tmp_path / "mri", cases=3, seed=1, size="small", test_cases=0)
+    items = load_datalist(data)
+    _rewrite_4d(items[0]["image"], 3)
+    fp = fingerprint_dataset(items)  # a bare list: nothing declared
+    assert fp["in_channels"] == 1 and fp["n_cases"] == 2
+    assert fp["failed"] == [f"{items[0]['image']}: 4D image with 3 frames/channels where the dataset's other "
+                            f"cases are 1 channel(s)"]
+
+
+def test_label_problems_refuse_the_case_and_every_refusal_is_named(tmp_path, capsys):
+    """Labels off their image or with undeclared classes are refused (check-dataset's own checks); when
+    nothing is left, every refused file is named on its own line and no plan is written."""
+    data = generate_dataset("mri", tmp_path / "mri", cases=2, seed=2, size="small", test_cases=0)
+    items = load_datalist(data)
+    shifted = nib.load(items[0]["label"])
+    affine = shifted.affine.copy()
+    affine[:3, 3] += 15.0
+    nib.save(nib.Nifti1Image(np.asarray(shifted.dataobj), affine), items[0]["label"])
+    stray = nib.load(items[1]["label"])
+    values = np.asarray(stray.dataobj).copy()
+    values[0, 0, 0] = 9
+    nib.save(nib.Nifti1Image(values, stray.affine), items[1]["label"])
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(data), "-o", str(out)]) == EXIT_FAILURE
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and not out.exists(), err
+    assert items[0]["label"] in err[0] and "mm away" in err[0]
+    assert items[1]["label"] in err[1] and "[9] not declared" in err[1]
+    assert err[2].startswith("medunet plan: error:") and "no usable cases (2 refused)" in err[2]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +40,9 @@ from medunet.data.datalist import (
     read_dataset_json,
     scan_folders,
 )
-from medunet.io import InputError, read_image
+from medunet.io import ImageData, InputError, read_image
 
-__all__ = ["Problem", "CheckResult", "check_dataset", "summarize", "PROBLEM_KINDS"]
+__all__ = ["Problem", "CheckResult", "check_dataset", "check_case_data", "summarize", "PROBLEM_KINDS"]
 
 #: every kind of problem the check reports, with what it means
 PROBLEM_KINDS = {
@@ -357,26 +358,51 @@ def _check_case(case: _Case, expect: _Expect, result: CheckResult) -> None:
     if expect.one_file_per_channel and declared and len(case.images) != declared:
         result.add(case.images[0], "channel-count", f"case {case.case_id} has {len(case.images)} channel file(s) "
                                                     f"but dataset.json declares {declared} channels")
+    images = [image for path in case.images if (image := _read(path, result)) is not None]
+    label = _read(case.label, result) if case.label is not None else None
+    _check_read_case(images, label, expect, result)
+    case.ndims.update({Path(image.path): image.array.ndim for image in images})
+    if label is not None and case.instance is not None and (instance := _read(case.instance, result)) is not None:
+        _check_instances(instance, case.instance, label, result)
+
+
+def _check_read_case(images: list, label, expect: _Expect, result: CheckResult) -> None:
+    """The checks of one case whose files are read: each image (channel files on one grid), the label."""
     reference = None
-    for path in case.images:
-        image = _read(path, result)
-        if image is None:
-            continue
-        case.ndims[path] = _check_image(image, path, expect, result)
+    for image in images:
+        _check_image(image, Path(image.path), expect, result)
         if reference is None:
             reference = image
         else:  # another channel file of the same case must share the grid
-            _compare_geometry(image, path, reference, f"channel 0 ({Path(reference.path).name})", result)
-    if case.label is None:
-        return
-    label = _read(case.label, result)
+            _compare_geometry(image, Path(image.path), reference, f"channel 0 ({Path(reference.path).name})", result)
     if label is None:
         return
-    _check_label(label, case.label, expect, result)
+    _check_label(label, Path(label.path), expect, result)
     if reference is not None:
-        _compare_geometry(label, case.label, reference, f"its image ({Path(reference.path).name})", result)
-    if case.instance is not None and (instance := _read(case.instance, result)) is not None:
-        _check_instances(instance, case.instance, label, result)
+        _compare_geometry(label, Path(label.path), reference, f"its image ({Path(reference.path).name})", result)
+
+
+def check_case_data(images: Sequence[ImageData], label: ImageData | None = None, *,
+                    labels: dict[str, int] | None = None, channels: int | None = None,
+                    spatial_dims: int | None = None) -> list[Problem]:
+    """:func:`check_dataset`'s per-case checks on files already read (for callers that read them anyway,
+    e.g. planning).
+
+    Args:
+        images: the case's image(s): one file, or one file per channel (all on one grid).
+        label: its label, or None.
+        labels: class name → value declared by ``dataset.json`` (None: any non-negative value).
+        channels: modalities declared by ``dataset.json`` (None: one channel, no 4D image).
+        spatial_dims: 2 or 3 when ``tensorImageSize`` declares it.
+
+    Returns:
+        the problems (errors and warnings), each naming its file.
+    """
+    expect = _Expect(labels=labels, channels=channels, spatial_dims=spatial_dims,
+                     one_file_per_channel=len(images) > 1)
+    result = CheckResult("")
+    _check_read_case(list(images), label, expect, result)
+    return list(result)
 
 
 def _check_image(image, path: Path, expect: _Expect, result: CheckResult) -> int:

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,13 +23,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from medunet.data.check import check_case_data
 from medunet.data.datalist import dataset_labels, dataset_modalities, find_dataset_items, read_dataset_json
 from medunet.data.plan import Plan
-from medunet.io import InputError, is_nifti, read_image
+from medunet.io import InputError, is_nifti, read_image, read_nifti_header, validate_affine
 
 __all__ = [
     "fingerprint_dataset", "plan_dataset", "estimate_memory_mb", "estimate_gflops",
-    "target_spacing", "BUDGETS", "format_plan",
+    "target_spacing", "BUDGETS", "format_plan", "NoUsableCases",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,23 +46,40 @@ _ANISOTROPY = 3.0
 _MAX_BATCH_FRACTION = 0.05  # a batch never covers more than 5 % of the dataset's voxels (nnU-Net)
 
 
+class NoUsableCases(ValueError):
+    """Every case of a dataset was refused; ``failed`` holds one ``"path: reason"`` line per problem."""
+
+    def __init__(self, message: str, failed: Sequence[str]) -> None:
+        super().__init__(message)
+        self.failed = list(failed)
+
+
 # --------------------------------------------------------------------------------------------------
 # the dataset
 def _dataset(path: str | os.PathLike) -> tuple[list[dict], dict]:
-    """Training items (any layout :func:`medunet.data.datalist.find_dataset_items` reads) and
-    ``{"modality": {"0": name}, "labels": {name: value} | None}`` from ``dataset.json`` when present."""
+    """Training items (any layout :func:`medunet.data.datalist.find_dataset_items` reads) and what
+    ``dataset.json`` declares when present: ``{"modality": {"0": name}, "labels": {name: value} | None,
+    "channels": int | None, "spatial_dims": 2 | 3 | None}``."""
     path = Path(path)
     items = find_dataset_items(path, "training")
-    meta: dict = {"modality": {"0": "unknown"}, "labels": None}
+    meta = _no_declarations()
     json_path = path if path.is_file() else path / "dataset.json"
     if json_path.is_file():
         raw = read_dataset_json(json_path)
         modalities = dataset_modalities(raw)
         if modalities:
             meta["modality"] = {str(k): v for k, v in sorted(modalities.items())}
+            meta["channels"] = len(modalities)
         if "labels" in raw:
             meta["labels"] = dataset_labels(raw, json_path)
+        size = str(raw.get("tensorImageSize", "")).upper()
+        if size in ("2D", "3D", "4D"):  # MSD "4D": 3D volumes with a channel axis
+            meta["spatial_dims"] = 2 if size == "2D" else 3
     return items, meta
+
+
+def _no_declarations() -> dict:
+    return {"modality": {"0": "unknown"}, "labels": None, "channels": None, "spatial_dims": None}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,43 +98,67 @@ def _ras_geometry(shape: Sequence[int], affine: np.ndarray, spatial_dims: int) -
     return out_shape, out_spacing
 
 
-def _header_geometry(path: str) -> tuple[list[int], np.ndarray, int] | None:
-    """Shape, affine, spatial dims from a NIfTI header (no voxel data); None for other formats."""
-    if not is_nifti(path):
-        return None
-    try:
-        img = nib.load(path)
-    except Exception as e:  # nibabel raises many kinds of errors on damaged files
-        raise InputError(path, f"unreadable NIfTI header ({e})") from None
-    shape = list(img.shape)
+def _header_geometry(path: str) -> tuple[list[int], np.ndarray, int]:
+    """Shape, affine, spatial dims from a NIfTI header (no voxel data), checked as the reader checks it."""
+    img = read_nifti_header(path)
+    shape = [int(s) for s in img.shape]
+    while len(shape) > 3 and shape[-1] == 1:  # X×Y×Z×1 is 3D, as the reader sees it
+        shape.pop()
     dims = 2 if len(shape) == 2 else 3  # as medunet.io.ImageData.spatial_dims
-    return shape, img.affine, dims
+    return shape, validate_affine(img.affine, path, spatial_dims=dims), dims
 
 
-def _case_fingerprint(item: dict, rng_seed: int, samples: int, read_voxels: bool) -> dict:
+def _channel_count(path: str, shape: Sequence[int], dims: int) -> int:
+    """Channels one image file holds: 1 for a 2D/3D array, ``C`` for ``(X, Y, Z, C)``."""
+    extra = [int(s) for s in shape[dims:]]
+    if len(extra) > 1:
+        raise InputError(path, f"{len(shape)}D image {tuple(shape)}; expected {dims}D (or {dims + 1}D with channels)")
+    return extra[0] if extra else 1
+
+
+def _describe_channels(files: Sequence[str], shapes: Sequence[Sequence[int]], dims: int) -> str:
+    if len(files) > 1:
+        return f"{len(files)} channel files"
+    if len(shapes[0]) > dims:
+        return f"{len(shapes[0])}D image with {shapes[0][dims]} frames/channels"
+    return f"{dims}D image {tuple(int(x) for x in shapes[0])}"
+
+
+def _case_fingerprint(item: dict, rng_seed: int, samples: int, read_voxels: bool, declared: dict) -> dict:
+    """One case: geometry (RAS frame), channel count and, when ``read_voxels``, intensity samples.
+
+    Raises:
+        InputError: a file is unreadable; the image's channels or dimensions disagree with what
+            ``declared`` (from dataset.json) says; or, for cases whose voxels are read,
+            :func:`medunet.data.check.check_case_data` finds an error (label off its image, undeclared
+            or fractional label values…). One error per problem, joined by newlines.
+    """
     files = [str(f) for f in (item["image"] if isinstance(item["image"], (list, tuple)) else [item["image"]])]
     label_path = str(item.get("label") or "")
     case: dict = {"image": files[0]}
-    geo = _header_geometry(files[0])
-    if geo is not None and not read_voxels:
-        shape, affine, dims = geo
+    if not read_voxels and all(is_nifti(f) for f in files):
+        geos = [_header_geometry(f) for f in files]
+        shape, affine, dims = geos[0]
         case["shape"], case["spacing"] = _ras_geometry(shape, affine, dims)
+        case.update(_case_channels(files, [g[0] for g in geos], dims, declared))
         return case
     images = [read_image(f) for f in files]
     dims = images[0].spatial_dims
     spatial = images[0].array.shape[:dims]
     case["shape"], case["spacing"] = _ras_geometry(spatial, images[0].affine, dims)
+    case.update(_case_channels(files, [im.array.shape for im in images], dims, declared))
+    label = read_image(label_path) if label_path else None
+    errors = [f"{p.path}: {p.message}" for p in check_case_data(
+        images, label, labels=declared["labels"], channels=case["channels"], spatial_dims=declared["spatial_dims"])
+        if p.severity == "error"]
+    if errors:
+        raise _Refused(errors)
     channels = []
     for im in images:
-        if im.array.shape[:dims] != spatial:
-            raise InputError(im.path, f"channel shape {im.array.shape} does not match {files[0]} {spatial}")
         channels += [im.array] if im.array.ndim == dims else [im.array[..., c] for c in range(im.array.shape[-1])]
     mask = None
-    if label_path:
-        label = read_image(label_path).array
-        if label.shape[:dims] != spatial or label.size != int(np.prod(spatial)):
-            raise InputError(label_path, f"label shape {label.shape} does not match image shape {spatial}")
-        label = label.reshape(spatial)
+    if label is not None:
+        label = label.array.reshape(spatial)
         mask = label > 0
         case["label_voxels"] = _value_counts(label)
     rng = np.random.default_rng(rng_seed)
@@ -128,6 +171,38 @@ def _case_fingerprint(item: dict, rng_seed: int, samples: int, read_voxels: bool
         case["foreground_samples"].append(fg[rng.integers(0, fg.size, samples)] if fg.size else fg[:0])
     case["nonzero_fraction"] = _bbox_fraction(nonzero)
     return case
+
+
+class _Refused(Exception):
+    """A case refused for one or more problems (``lines``: ``"path: reason"`` each)."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = list(lines)
+
+
+def _case_channels(files: Sequence[str], shapes: Sequence[Sequence[int]], dims: int, declared: dict) -> dict:
+    """``{"channels", "dims", "channel_text"}`` of a case; refuses a count that differs from the
+    modalities dataset.json declares or dimensions that differ from its ``tensorImageSize``."""
+    n = sum(_channel_count(f, s, dims) for f, s in zip(files, shapes))
+    text = _describe_channels(files, shapes, dims)
+    want_dims = declared["spatial_dims"]
+    if want_dims is not None and dims != want_dims:
+        raise InputError(files[0], f"{text} where dataset.json declares {want_dims}D images (tensorImageSize)")
+    want = declared["channels"]
+    if want is not None and n != want:
+        raise InputError(files[0], f"{text} where dataset.json declares {want} modalit{'y' if want == 1 else 'ies'}")
+    return {"channels": n, "dims": dims, "channel_text": text}
+
+
+def _majority_refusals(cases: list[dict], key: str, what: str) -> tuple[list[dict], list[str]]:
+    """Without a declaration in dataset.json, the most common ``key`` (dims or channels) decides; the
+    cases that differ are refused with a line each."""
+    common = Counter(c[key] for c in cases).most_common(1)[0][0] if cases else None
+    keep = [c for c in cases if c[key] == common]
+    refused = [f"{c['image']}: {c['channel_text']} where the dataset's other cases are {common}{what}"
+               for c in cases if c[key] != common]
+    return keep, refused
 
 
 def _value_counts(label: np.ndarray) -> dict[str, int]:
@@ -185,10 +260,21 @@ def fingerprint_dataset(
         ``{"n_cases", "cases": [{"image", "shape", "spacing"}…] (RAS frame), "spacing_median",
         "shape_median", "intensity": [per channel: mean, std, median, min, max, percentile_00_5,
         percentile_99_5, samples], "nonzero_fraction_median", "label_voxels", "modality", "labels",
-        "failed": ["path: reason", …], "seconds"}``. Unreadable cases are listed in ``failed`` and skipped.
+        "failed": ["path: reason", …], "n_refused", "in_channels", "seconds"}``.
+
+        A case is refused (one ``failed`` line per problem, naming the file; planning goes on with the
+        rest) when a file is unreadable (the reader's own wording: permission denied, not NIfTI…), when
+        its channels or dimensions differ from the modalities/``tensorImageSize`` of ``dataset.json``
+        (without those: from the majority of the cases), or — for cases whose voxels are read — when
+        :func:`medunet.data.check.check_case_data` reports an error (label shape/geometry off its image,
+        undeclared or fractional label values, 4D label…). Header-only cases (``intensity_cases``) are
+        checked from their image headers; ``medunet check-dataset`` checks everything.
+
+    Raises:
+        NoUsableCases: every case was refused (``.failed`` lists why, one line per problem).
     """
     start = time.perf_counter()
-    meta: dict = {"modality": {"0": "unknown"}, "labels": None}
+    meta = _no_declarations()
     if isinstance(dataset_dir_or_items, (str, os.PathLike)):
         items, meta = _dataset(dataset_dir_or_items)
     else:
@@ -199,28 +285,31 @@ def fingerprint_dataset(
     chosen = set(range(n)) if intensity_cases is None or intensity_cases >= n else set(
         np.linspace(0, n - 1, max(int(intensity_cases), 1)).round().astype(int).tolist())
 
-    def work(i: int):
+    def work(i: int) -> dict | list[str]:
         try:
-            return _case_fingerprint(items[i], seed + i, samples_per_case, i in chosen)
+            return _case_fingerprint(items[i], seed + i, samples_per_case, i in chosen, meta)
+        except _Refused as e:
+            return e.lines
         except InputError as e:
-            return e
+            return [" ".join(str(e).split())]
         except (OSError, ValueError) as e:
             image = items[i]["image"]
-            return InputError(image[0] if isinstance(image, (list, tuple)) else image, str(e))
+            return [str(InputError(image[0] if isinstance(image, (list, tuple)) else image, " ".join(str(e).split())))]
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         results = list(pool.map(work, range(n)))
     cases = [r for r in results if isinstance(r, dict)]
-    failed = [str(r) for r in results if not isinstance(r, dict)]
+    failed = [line for r in results if not isinstance(r, dict) for line in r]
+    for key, what, declared in (("dims", "D", meta["spatial_dims"]), ("channels", " channel(s)", meta["channels"])):
+        if declared is None:
+            cases, refused = _majority_refusals(cases, key, what)
+            failed += refused
     if not cases:
-        raise ValueError(f"{dataset_dir_or_items}: no readable cases ({failed[0] if failed else 'empty'})")
-    dims = {len(c["shape"]) for c in cases}
-    if len(dims) > 1:
-        raise ValueError(f"{dataset_dir_or_items}: cases mix 2D and 3D images")
+        raise NoUsableCases(f"{dataset_dir_or_items}: no usable cases ({n} refused)", failed)
     spacings = np.array([c["spacing"] for c in cases])
     shapes = np.array([c["shape"] for c in cases])
     sampled = [c for c in cases if "foreground_samples" in c]
-    n_channels = max((len(c["foreground_samples"]) for c in sampled), default=1)
+    n_channels = int(cases[0]["channels"])  # every kept case has it (declared, or the majority)
     intensity = [_stats(np.concatenate([c["foreground_samples"][ch] for c in sampled
                                         if len(c["foreground_samples"]) > ch] or [np.zeros(0)]))
                  for ch in range(n_channels)]
@@ -230,6 +319,7 @@ def fingerprint_dataset(
             label_voxels[k] = label_voxels.get(k, 0) + v
     return {
         "n_cases": len(cases),
+        "n_refused": n - len(cases),
         "cases": [{"image": c["image"], "shape": c["shape"], "spacing": c["spacing"]} for c in cases],
         "spacing_median": np.median(spacings, axis=0).tolist(),
         "shape_median": np.median(shapes, axis=0).tolist(),
@@ -477,7 +567,7 @@ def format_plan(plan: Plan) -> str:
     fp = plan.fingerprint or {}
     est = fp.get("estimate", {})
     rows = [
-        ("cases", f"{fp.get('n_cases', '?')} ({len(fp.get('failed', []))} failed)"),
+        ("cases", f"{fp.get('n_cases', '?')} ({fp.get('n_refused', len(fp.get('failed', [])))} refused)"),
         ("modality", plan.modality),
         ("labels", ", ".join(f"{v}={k}" for k, v in sorted(plan.labels.items(), key=lambda kv: kv[1]))),
         ("spatial dims", str(plan.spatial_dims)),

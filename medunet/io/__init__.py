@@ -14,13 +14,14 @@ from medunet.io.image import (
     read_dicom_series,
     read_image,
     read_nifti,
+    read_nifti_header,
     validate_affine,
     write_like,
     write_nifti,
 )
 
 __all__ = [
-    "InputError", "ImageData", "read_image", "read_nifti", "read_dicom_series", "read_2d_image",
+    "InputError", "ImageData", "read_image", "read_nifti", "read_nifti_header", "read_dicom_series", "read_2d_image",
     "write_nifti", "write_like", "validate_affine", "atomic_path", "atomic_write_bytes",
     "atomic_write_text", "save_checkpoint", "load_checkpoint", "load_weights", "extract_state_dict", "is_nifti", "is_2d_image", "image_id", "NIFTI_SUFFIXES", "IMAGE2D_SUFFIXES",
 ]

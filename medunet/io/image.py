@@ -18,7 +18,7 @@ from medunet.io.atomic import atomic_path
 from medunet.io.errors import InputError
 
 __all__ = [
-    "ImageData", "read_image", "read_nifti", "read_dicom_series", "read_2d_image", "write_nifti",
+    "ImageData", "read_image", "read_nifti", "read_nifti_header", "read_dicom_series", "read_2d_image", "write_nifti",
     "write_like", "validate_affine", "is_nifti", "is_2d_image", "NIFTI_SUFFIXES", "IMAGE2D_SUFFIXES",
     "image_id",
 ]
@@ -125,8 +125,13 @@ def _check_memory_budget(shape: tuple[int, ...], path: Path) -> None:
                                f"over the memory budget of {budget / 2**30:.1f} GiB (set MEDUNET_MAX_IMAGE_GB to raise it)")
 
 
-def read_nifti(path: str | os.PathLike, check_finite: bool = True, dtype=np.float32) -> ImageData:
-    """Read a NIfTI file; raise :class:`InputError` for corrupt, truncated or ill-formed files."""
+def read_nifti_header(path: str | os.PathLike) -> nib.Nifti1Image:
+    """Open a NIfTI file and check it from its header alone (file readable, really NIfTI, spacing,
+    size within the memory budget) without loading voxels; the same errors :func:`read_nifti` gives.
+
+    Returns:
+        the nibabel image (``.shape``, ``.affine``, ``.header``; voxels still on disk).
+    """
     path = Path(path)
     _check_file(path)
     with open(path, "rb") as fh:
@@ -147,6 +152,13 @@ def read_nifti(path: str | os.PathLike, check_finite: bool = True, dtype=np.floa
         raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
     _check_header_spacing(img, path)
     _check_memory_budget(img.shape, path)
+    return img
+
+
+def read_nifti(path: str | os.PathLike, check_finite: bool = True, dtype=np.float32) -> ImageData:
+    """Read a NIfTI file; raise :class:`InputError` for corrupt, truncated or ill-formed files."""
+    path = Path(path)
+    img = read_nifti_header(path)
     try:
         array = np.asanyarray(img.dataobj)
     except (gzip.BadGzipFile, zlib.error, EOFError) as e:
