@@ -29,6 +29,11 @@ def _per_axis(value: int | Sequence[int], spatial_dims: int) -> list[int]:
     return value
 
 
+def _stride_divisors(strides, spatial_dims: int) -> tuple[int, ...]:
+    """Total downsampling factor per axis: the product of every level's stride on that axis."""
+    return tuple(math.prod(_per_axis(s, spatial_dims)[a] for s in strides) for a in range(spatial_dims))
+
+
 class _DivisibleMixin(ShapeRuleMixin):
     """'same' networks: output = input, each axis a multiple of the total downsampling factor."""
 
@@ -43,9 +48,7 @@ class ResidualUNet(_DivisibleMixin, mnets.UNet):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels, strides, **kw):
         super().__init__(spatial_dims, in_channels, out_channels, channels, strides, **kw)
-        self.divisors = tuple(
-            math.prod(_per_axis(s, spatial_dims)[a] for s in strides) for a in range(spatial_dims)
-        )
+        self.divisors = _stride_divisors(strides, spatial_dims)
 
 
 @register("unet", description="MONAI UNet with residual units (Kerfoot et al.)",
@@ -126,9 +129,7 @@ class DynUNet(_DivisibleMixin, mnets.DynUNet):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, kernel_size, strides, **kw):
         super().__init__(spatial_dims, in_channels, out_channels, kernel_size, strides, **kw)
         self.spatial_dims = spatial_dims
-        self.divisors = tuple(
-            math.prod(_per_axis(s, spatial_dims)[a] for s in strides) for a in range(spatial_dims)
-        )
+        self.divisors = _stride_divisors(strides, spatial_dims)
 
 
 @register("dynunet", description="MONAI DynUNet, nnU-Net-like; kernels/strides from a plan",
@@ -171,9 +172,7 @@ class AttentionUNet(_DivisibleMixin, mnets.AttentionUnet):
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels, strides, **kw):
         super().__init__(spatial_dims, in_channels, out_channels, channels, strides, **kw)
         self.spatial_dims = spatial_dims
-        self.divisors = tuple(
-            math.prod(_per_axis(s, spatial_dims)[a] for s in strides) for a in range(spatial_dims)
-        )
+        self.divisors = _stride_divisors(strides, spatial_dims)
 
 
 @register("attentionunet", description="MONAI AttentionUnet (attention-gated skips)",
