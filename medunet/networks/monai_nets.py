@@ -48,6 +48,7 @@ class ResidualUNet(_DivisibleMixin, mnets.UNet):
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, channels, strides, **kw):
         super().__init__(spatial_dims, in_channels, out_channels, channels, strides, **kw)
+        self.spatial_dims = spatial_dims
         self.divisors = _stride_divisors(strides, spatial_dims)
 
 
