@@ -119,13 +119,14 @@ def _run_segment(args: argparse.Namespace) -> int:
         if not result.ok:
             from tqdm.auto import tqdm
 
-            tqdm.write(f"medunet segment: {result.status}: {result.message}", file=sys.stderr)
+            line = result.message if result.status == "skipped" else f"{result.status}: {result.message}"
+            tqdm.write(f"medunet segment: {line}", file=sys.stderr)
 
     results = predictor.segment(args.input, args.output, overwrite=args.overwrite,
                                 save_probabilities=args.save_probabilities, uncertainty=uncertainty, report=report)
     print(summary_table(results))
-    n_ok = sum(r.ok for r in results)
-    return batch_exit_code(n_ok, len(results) - n_ok)
+    n_failed = sum(r.failed for r in results)  # skipped cases (all outputs exist) are done, not failed
+    return batch_exit_code(len(results) - n_failed, n_failed)
 
 
 # --------------------------------------------------------------------------------------------------

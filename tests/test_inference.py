@@ -68,6 +68,34 @@ def test_same_network_window_covering_the_image_equals_a_direct_pass():
     torch.testing.assert_close(out, ref)
 
 
+def test_image_smaller_than_the_patch_is_padded_to_it_and_cropped_back():
+    """B7: a 1-voxel image (a tiny volume on a coarse plan grid) would reach the bottleneck as one voxel,
+    where instance norm fails; it is padded to the training patch, as nnU-Net does, and cropped back."""
+    net = networks.create("unet", spatial_dims=3, **networks.get_spec("unet").tiny_options).eval()
+    inferer = TiledInferer(roi_size="auto", patch_size=(16, 16, 16))
+    with torch.inference_mode():
+        out = inferer(torch.randn(1, 1, 1, 1, 1), net)
+        assert out.shape == (1, 2, 1, 1, 1) and torch.isfinite(out).all()
+        assert inferer.last_stats["tile_in"] == (16, 16, 16)
+        inferer(torch.randn(1, 1, 40, 3, 20), net)  # only the short axis is padded
+    assert inferer.last_stats["tile_in"][1] == 16 and inferer.last_stats["tile_in"][0] >= 16
+
+
+def test_collect_inputs_passes_bad_items_through(tmp_path):
+    """B1/B2: a missing -i item and a looping symlink in a folder are returned (reading them reports
+    the problem for that item alone) instead of stopping the batch or vanishing."""
+    from medunet.inference import collect_inputs
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.nii.gz").write_bytes(b"")
+    (folder / "loop.nii.gz").symlink_to("loop2.nii.gz")
+    (folder / "loop2.nii.gz").symlink_to("loop.nii.gz")
+    missing = tmp_path / "missing.nii.gz"
+    got = collect_inputs([folder, missing])
+    assert got == [folder / "a.nii.gz", folder / "loop.nii.gz", folder / "loop2.nii.gz", missing]
+
+
 def test_sliding_window_blends_many_windows_to_the_right_shape():
     net = networks.create("unet", spatial_dims=3, **networks.get_spec("unet").tiny_options).eval()
     x = torch.randn(2, 1, 20, 14, 9)

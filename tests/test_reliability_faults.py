@@ -331,7 +331,6 @@ def test_segment_sigkill_while_writing_then_rerun(segment_job, tmp_path):
     assert rerun.code in (0, 3) and "Traceback" not in rerun.stderr, rerun.stderr  # 0 vs 3: see below
 
 
-@pytest.mark.xfail(strict=True, reason='B10 inference.segment: a case with some outputs is skipped (its missing probabilities never written) and skipped inputs count as failures (rerun exits 3)')
 def test_segment_rerun_completes_a_half_finished_case(segment_job, tmp_path):
     """A kill between a case's two writes leaves its label without its probabilities. The same command
     again must write the missing file, and exit 0 since every output exists at the end (nnU-Net's

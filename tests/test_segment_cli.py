@@ -90,9 +90,14 @@ def test_existing_outputs_are_kept_unless_overwrite(bundle, nifti_folder, tmp_pa
     before = target.stat().st_mtime_ns
     time.sleep(0.01)
     capsys.readouterr()
-    assert _segment("-i", src, "-o", out, "--bundle", bundle) == EXIT_FAILURE
-    err = capsys.readouterr().err
-    assert "exists" in err and "--overwrite" in err and str(target) in err
+    assert _segment("-i", src, "-o", out, "--bundle", bundle) == EXIT_OK  # done already: not a failure
+    res = capsys.readouterr()
+    assert "skipped (exists)" in res.err and "--overwrite" in res.err and str(target) in res.err
+    assert "skipped (exists)" in res.out  # summary table
+    assert target.stat().st_mtime_ns == before
+    # an incomplete case (probabilities requested, only the label there) is completed, the label kept
+    assert _segment("-i", src, "-o", out, "--bundle", bundle, "--save-probabilities") == EXIT_OK
+    assert (out / "case_1_probabilities.nii.gz").is_file()
     assert target.stat().st_mtime_ns == before
     assert _segment("-i", src, "-o", out, "--bundle", bundle, "--overwrite") == EXIT_OK
     assert target.stat().st_mtime_ns != before

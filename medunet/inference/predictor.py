@@ -93,7 +93,7 @@ class SegmentResult:
     """Outcome of one input of :meth:`Predictor.segment`."""
 
     input: str
-    status: str  # "ok", "failed" or "skipped" (outputs exist)
+    status: str  # "ok", "failed" or "skipped" (every requested output already exists)
     outputs: list[str] = field(default_factory=list)
     shape: tuple[int, ...] | None = None
     seconds: float = 0.0
@@ -102,6 +102,11 @@ class SegmentResult:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def failed(self) -> bool:
+        """A failure (a skipped case whose outputs all exist already is not one)."""
+        return self.status == "failed"
 
 
 class Predictor:
@@ -362,18 +367,24 @@ class Predictor:
                                  f"collides with that of {clash}; rename one of them")
         for p in outs.values():
             claimed[p] = str(path)
-        existing = [p for p in outs.values() if p.exists()]
-        if existing and not overwrite:
-            return SegmentResult(str(path), "skipped", message=f"{existing[0]}: exists (use --overwrite to replace it)")
+        # A case is complete when every requested output exists: skip it. An incomplete one (a run
+        # killed between its writes) is predicted again and only its missing outputs are written, so
+        # finished files are never touched without --overwrite.
+        todo = {kind: p for kind, p in outs.items() if overwrite or not p.exists()}
+        if not todo:
+            return SegmentResult(str(path), "skipped", outputs=[str(p) for p in outs.values()],
+                                 message=f"{path}: skipped (exists): {', '.join(map(str, outs.values()))} "
+                                         "(--overwrite redoes it)")
         try:
             image = read_image(path)
             pred = self.predict_image(image)
             out_dir.mkdir(parents=True, exist_ok=True)
-            write_like(pred.label, image, outs["label"], dtype=np.uint8)
-            if "probabilities" in outs:
+            if "label" in todo:
+                write_like(pred.label, image, outs["label"], dtype=np.uint8)
+            if "probabilities" in todo:
                 write_nifti(np.moveaxis(pred.probabilities, 0, -1), image.affine, outs["probabilities"],
                             header=image.header, dtype=np.float32)
-            if "uncertainty" in outs:
+            if "uncertainty" in todo:
                 write_nifti(pred.uncertainty, image.affine, outs["uncertainty"], header=image.header,
                             dtype=np.float32)
         except InputError as e:
@@ -424,18 +435,27 @@ def output_paths(path: str | os.PathLike, out_dir: str | os.PathLike, probabilit
 
 def collect_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
     """Expand inputs into image paths: files as given; a folder into its NIfTI/PNG/TIFF files (sorted),
-    else its sub-folders (one DICOM series each), else the folder itself (one DICOM series)."""
+    else its sub-folders (one DICOM series each), else the folder itself (one DICOM series).
+
+    Never raises for a bad item: missing paths, broken or looping symbolic links and unreadable
+    folders are returned as they are, so that reading them fails for that item alone (one error line)
+    and a batch goes on with the others."""
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     paths: list[Path] = []
     for item in items:
         p = Path(item)
-        if not p.exists():
-            raise InputError(p, "no such file or folder")
-        if not p.is_dir():
+        if not p.is_dir():  # files, and missing/looping paths: reading them reports the problem
             paths.append(p)
             continue
-        entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
-        images = [e for e in entries if e.is_file() and (is_nifti(e) or e.name.lower().endswith(IMAGE2D_SUFFIXES))]
+        try:
+            entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
+        except OSError:  # unreadable folder: reading it reports why
+            paths.append(p)
+            continue
+        # image-named entries that are files or symbolic links (a broken or looping link is reported
+        # by read_image, never silently skipped)
+        images = [e for e in entries if (e.is_file() or e.is_symlink()) and not e.is_dir()
+                  and (is_nifti(e) or e.name.lower().endswith(IMAGE2D_SUFFIXES))]
         if images:
             paths.extend(images)
             continue
@@ -473,10 +493,12 @@ def summary_table(results: Sequence[SegmentResult]) -> str:
     rows = [("file", "shape", "time (s)", "status")]
     for r in results:
         shape = "x".join(str(s) for s in r.shape) if r.shape else "-"
-        status = r.status if r.ok else f"{r.status}: {r.message}"
+        status = {"ok": "ok", "skipped": "skipped (exists)"}.get(r.status, f"{r.status}: {r.message}")
         rows.append((Path(r.input).name or r.input, shape, f"{r.seconds:.2f}", status))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows]
-    n_ok = sum(r.ok for r in results)
-    lines.append(f"{n_ok}/{len(results)} succeeded")
+    n_failed = sum(r.failed for r in results)
+    n_skipped = sum(r.status == "skipped" for r in results)
+    lines.append(f"{len(results) - n_failed}/{len(results)} succeeded"
+                 + (f" ({n_skipped} skipped: outputs exist)" if n_skipped else ""))
     return "\n".join(lines)

@@ -212,6 +212,12 @@ class TiledInferer(Inferer):
             pad_after = [c - s + m for c, s, m in zip(covered, shape, margin)]
         else:
             want = [min(r, s) for r, s in zip(roi, shape)]
+            # An axis shorter than the training patch is padded to it and the result cropped back, as
+            # nnU-Net does: a tiny image would otherwise shrink below the network's pooling depth (one
+            # voxel at the bottleneck, where instance norm fails) and see statistics unlike training's.
+            floor = self._window_floor(d)
+            if floor is not None:
+                want = [f if s < f else w for w, s, f in zip(want, shape, floor)]
             tile_in = network.valid_input_shape(want, "up") if has_rules else tuple(want)
             tile_out = list(tile_in)
             steps = [max(1, int(t * (1.0 - self.overlap))) for t in tile_in]
@@ -224,6 +230,16 @@ class TiledInferer(Inferer):
             "margin": margin, "valid": valid, "starts": starts, "pad_before": pad_before,
             "pad_after": pad_after, "covered": covered,
         }
+
+    def _window_floor(self, d: int) -> tuple[int, ...] | None:
+        """Smallest window per axis for 'same' networks: the training patch (capped by an explicit
+        ``roi_size``); None without a patch (the image is then used at its own size)."""
+        patch = self.patch_size if self.patch_size is not None and len(self.patch_size) == d else None
+        roi = self.roi_size
+        if patch is None or roi is None or isinstance(roi, str):
+            return patch
+        explicit = (int(roi),) * d if isinstance(roi, int) else tuple(int(r) if r and int(r) > 0 else 0 for r in roi)
+        return tuple(min(p, e) if e > 0 else p for p, e in zip(patch, explicit))
 
     # -- running ----------------------------------------------------------------------------------
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args, **kwargs) -> torch.Tensor:
