@@ -91,6 +91,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpu-bf16", choices=["auto", "on", "off"], default="auto",
                    help="bfloat16 on the CPU (auto: when the CPU supports it natively)")
     p.add_argument("--sw-batch-size", type=int, default=1, help="windows per network call")
+    p.add_argument("--body-crop", action="store_true",
+                   help="CT models: predict only inside the body's bounding box (HU > -500, plus a margin); "
+                        "background outside")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_run_segment)
 
@@ -110,6 +113,7 @@ def _run_segment(args: argparse.Namespace) -> int:
             args.bundle, args.checkpoint, device=args.device, tta=args.tta, overlap=args.overlap, roi_size=roi,
             sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
             progress=not args.no_progress, cpu_bf16={"on": True, "off": False}.get(args.cpu_bf16, "auto"),
+            body_crop=args.body_crop,
         )
     for w in caught:
         print(f"medunet segment: warning: {w.message}", file=sys.stderr)

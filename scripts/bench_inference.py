@@ -164,8 +164,11 @@ def train(plan: Plan, workdir: Path, seconds: float, cases: int, log) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/medunet/bench_inference"))
-    ap.add_argument("--train-seconds", type=float, default=300.0)
-    ap.add_argument("--train-cases", type=int, default=6)
+    ap.add_argument("--train-seconds", type=float, default=720.0,
+                    help="training time budget when no trained checkpoint is cached (default 12 min)")
+    ap.add_argument("--train-cases", type=int, default=8)
+    ap.add_argument("--retrain", action="store_true", help="train again even when a checkpoint is cached")
+    ap.add_argument("--train-only", action="store_true", help="train (if needed), then stop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--quick", action="store_true", help="only the baseline and the default configuration")
     args = ap.parse_args()
@@ -182,11 +185,13 @@ def main() -> None:
     case = generate_case("ct", BENCH_CASE, seed=0, size=PHANTOM_SHAPE)
     plan = bench_plan(case.info["spacing"])
     ckpt = workdir / "model.pt"
-    if ckpt.exists() and load_checkpoint(ckpt).get("plan") == plan.to_dict():
+    if ckpt.exists() and not args.retrain and load_checkpoint(ckpt).get("plan") == plan.to_dict():
         log(f"using trained weights {ckpt}")
     else:
         log(f"no trained checkpoint in {workdir}: training the bundles/ct network for {args.train_seconds:.0f}s")
         ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log)
+    if args.train_only:
+        return
     path = workdir / "bench_ct.nii.gz"
     write_nifti(case.image, case.affine, path, dtype=np.int16)
     image_data = ImageData(array=np.asarray(case.image, dtype=np.float32), affine=np.asarray(case.affine),
@@ -201,14 +206,17 @@ def main() -> None:
     baseline.inferer = SlidingWindowInferer(roi_size=(96, 96, 96), sw_batch_size=4, overlap=0.5, mode="gaussian")
     configs = {"medunet segment defaults (auto window, bf16 when native)": {}}
     fp32 = {"cpu_bf16": False}
+    extras = {"defaults + channels_last_3d": {"channels_last": True},
+              "defaults + body crop (HU > -500, 4x grid, +16 vox)": {"body_crop": True}}
     if args.quick:
-        configs = {"defaults but float32 (no bf16)": fp32, **configs}
+        configs = {**extras, **configs}
     else:
         configs = {
             "roi=96^3, overlap 0.25, float32": {"roi_size": (96, 96, 96), "overlap": 0.25, **fp32},
             "roi=128x128x64, overlap 0.25, float32": {"roi_size": (128, 128, 64), "overlap": 0.25, **fp32},
             "whole volume, one pass, float32": {"roi_size": (512, 512, 512), **fp32},
             "roi=128x128x64, float32, channels_last": {"roi_size": (128, 128, 64), "channels_last": True, **fp32},
+            **extras,
             **configs,
         }
     grid = PlanGrid.for_image(case.affine, truth.shape, plan.orientation, plan.target_spacing)
@@ -269,6 +277,10 @@ def main() -> None:
         {"baseline_s": base["seconds"], "baseline_gt_dice": base["gt_dice"], **summary,
          "load": os.getloadavg()}, indent=2, default=float))
     log(f"load after: {os.getloadavg()}")
+    for r in rows[:-1]:
+        log(f"{r['name']}: speedup_vs_monai={r['speedup']:.2f} agreement_dice={r['agreement']:.3f} "
+            f"gt_dice_delta={r['gt_dice'] - base['gt_dice']:+.4f}")
+    log(f"defaults: gt_dice_delta={final['gt_dice'] - base['gt_dice']:+.4f} (baseline GT Dice {base['gt_dice']:.4f})")
     print(f"speedup_vs_monai={final['speedup']:.2f} agreement_dice={final['agreement']:.3f}")
 
 

@@ -278,3 +278,34 @@ def test_auto_window_is_the_whole_image_when_it_fits_else_the_patch_scaled_up():
     with torch.inference_mode():
         out = inferer(x, net)
     assert out.shape == (1, 2, 20, 20, 8) and inferer.last_stats["windows"] > 1
+
+
+def test_body_box_finds_the_body_on_a_coarse_grid_and_widens_it():
+    from medunet.inference import body_box
+
+    x = torch.full((1, 40, 36, 20), -1000.0)
+    x[0, 10:21, 8:30, 5:9] = 40.0  # soft tissue
+    box = body_box(x, threshold=-500.0, margin=2, factor=4)
+    # coarse blocks [8,24) x [8,32) x [4,12), widened by 2 and clipped
+    assert box == (slice(6, 26), slice(6, 34), slice(2, 14))
+    assert body_box(torch.full((1, 8, 8, 8), -1000.0)) == (slice(0, 8),) * 3  # no body: everything
+
+
+def test_body_crop_predicts_background_outside_the_body_box():
+    from medunet.io import ImageData
+
+    plan = Plan(patch_size=[16, 16, 16], target_spacing=[1.0, 1.0, 1.0],
+                normalization={"scheme": "ct", "clip": [-200.0, 300.0], "mean": 50.0, "std": 100.0},
+                network={"name": "unet", **networks.get_spec("unet").tiny_options})
+    torch.manual_seed(0)
+    net = plan.build_network()
+    arr = np.full((48, 40, 24), -1000.0, dtype=np.float32)
+    arr[16:30, 12:28, 8:16] = 60.0
+    image = ImageData(array=arr, affine=np.eye(4), path="ct.nii.gz")
+    full = Predictor(net, plan, device="cpu", cpu_bf16=False).predict_image(image)
+    crop = Predictor(net, plan, device="cpu", cpu_bf16=False, body_crop=True, body_margin=4).predict_image(image)
+    assert crop.label.shape == arr.shape and crop.stats["body_box"] == ((12, 36), (8, 32), (4, 20))
+    outside = np.ones(arr.shape, bool)
+    outside[12:36, 8:32, 4:20] = False
+    assert (crop.label[outside] == 0).all() and np.allclose(crop.probabilities[0][outside], 1.0)
+    assert full.stats.get("body_box") is None

@@ -7,6 +7,7 @@ from medunet.inference.predictor import (
     Prediction,
     Predictor,
     SegmentResult,
+    body_box,
     collect_inputs,
     nonzero_box,
     nonzero_box_affine,
@@ -20,6 +21,6 @@ from medunet.inference.tta import entropy_map, mirror_combinations, predict_prob
 
 __all__ = [
     "build_inferer", "TiledInferer", "mirror_pad", "Predictor", "Prediction", "SegmentResult",
-    "collect_inputs", "nonzero_box", "nonzero_box_affine", "output_paths", "resolve_device", "resolve_plan", "summary_table", "PlanGrid",
+    "collect_inputs", "body_box", "nonzero_box", "nonzero_box_affine", "output_paths", "resolve_device", "resolve_plan", "summary_table", "PlanGrid",
     "resample_grid", "keep_largest_component", "entropy_map", "mirror_combinations", "predict_probabilities",
 ]

@@ -45,7 +45,7 @@ from medunet.io import (
 
 __all__ = [
     "Predictor", "Prediction", "SegmentResult", "collect_inputs", "resolve_plan", "summary_table",
-    "resolve_device", "output_paths", "nonzero_box", "nonzero_box_affine",
+    "resolve_device", "output_paths", "nonzero_box", "nonzero_box_affine", "body_box",
 ]
 
 
@@ -130,6 +130,10 @@ class Predictor:
         channels_last: run 3D windows in ``channels_last_3d`` memory format.
         cpu_bf16: bfloat16 autocast on the CPU; ``"auto"`` (default): when the CPU has native bf16
             (AVX-512-BF16/AMX), where it is ~1.8× faster. On CUDA, float16 AMP is always on.
+        body_crop: CT only: predict inside the bounding box of the body (HU > ``body_hu`` on a 4×
+            coarser grid, widened by ``body_margin`` plan voxels) and background outside it; False
+            (default) predicts everywhere. See :func:`body_box`.
+        body_hu, body_margin: threshold (HU) and margin (plan voxels per side) of ``body_crop``.
 
     Example:
         >>> predictor = Predictor.from_bundle("bundles/ct")
@@ -153,6 +157,9 @@ class Predictor:
         progress: bool = False,
         channels_last: bool = False,
         cpu_bf16: bool | str = "auto",
+        body_crop: bool = False,
+        body_hu: float = -500.0,
+        body_margin: int = 16,
     ) -> None:
         if uncertainty is not None and uncertainty not in UNCERTAINTY_KINDS:
             raise ValueError(f"uncertainty must be None or one of {UNCERTAINTY_KINDS}, got {uncertainty!r}")
@@ -165,6 +172,9 @@ class Predictor:
         self.largest_component = largest_component
         self.uncertainty = uncertainty
         self.progress = progress
+        self.body_crop = bool(body_crop) and plan.normalization.get("scheme") == "ct"
+        self.body_hu = float(body_hu)
+        self.body_margin = int(body_margin)
         if cpu_bf16 == "auto":
             cpu_bf16 = cpu_has_native_bf16()
         self.inferer = build_inferer(self.network, plan, roi_size=roi_size, overlap=overlap, mode=mode,
@@ -259,16 +269,24 @@ class Predictor:
         x = x.to(self.device)
         d = x.dim() - 1
         t0 = time.perf_counter()
-        xp, grid, box = self.preprocess(x, affine)
+        xp, grid, box = self.preprocess(x, affine, normalize=False)
+        body = body_box(xp, self.body_hu, self.body_margin) if self.body_crop else None
+        xp = normalize_intensity(xp, self.plan.normalization)
         t1 = time.perf_counter()
         slicewise = self.plan.spatial_dims == 2 and d == 3
         probs, variance = predict_probabilities(
-            self._slicewise_logits if slicewise else self._logits, xp.unsqueeze(0), tta=self.tta,
+            self._slicewise_logits if slicewise else self._logits,
+            (xp if body is None else xp[(slice(None), *body)]).unsqueeze(0), tta=self.tta,
             mirror_axes=(0, 1) if slicewise else self.plan.mirror_axes, with_variance=self.uncertainty == "variance",
         )
         t2 = time.perf_counter()
         k = probs.shape[1]
         stack = probs[0] if variance is None else torch.cat([probs[0], variance], dim=0)
+        if body is not None:  # background with certainty outside the body box
+            inner = stack
+            stack = torch.zeros((inner.shape[0], *xp.shape[1:]), dtype=inner.dtype, device=inner.device)
+            stack[0] = 1.0
+            stack[(slice(None), *body)] = inner
         back = grid.from_plan(stack, "bilinear")
         full = torch.zeros((back.shape[0], *x.shape[1:]), dtype=back.dtype, device=back.device)
         full[0] = 1.0  # background outside the cropped region
@@ -283,21 +301,25 @@ class Predictor:
         if not isinstance(getattr(self.inferer, "last_stats", None), dict):
             self.inferer.last_stats = {}
         self.inferer.last_stats.update(plan_shape=grid.plan_shape, preprocess_s=t1 - t0, network_s=t2 - t1,
-                                       restore_s=time.perf_counter() - t2)
+                                       restore_s=time.perf_counter() - t2,
+                                       body_box=None if body is None else tuple((b.start, b.stop) for b in body))
         return probs, unc
 
-    def preprocess(self, x: torch.Tensor, affine: np.ndarray) -> tuple[torch.Tensor, PlanGrid, tuple[slice, ...]]:
+    def preprocess(self, x: torch.Tensor, affine: np.ndarray,
+                   normalize: bool = True) -> tuple[torch.Tensor, PlanGrid, tuple[slice, ...]]:
         """Training's deterministic preprocessing of ``x`` (C, *S) with its 4×4 ``affine``.
 
         Returns ``(image in plan space (C, *plan_shape), its PlanGrid, the nonzero crop box in x)``;
-        the image equals what ``medunet.data.transforms.val_transforms(plan)`` yields for the same file.
+        the image equals what ``medunet.data.transforms.val_transforms(plan)`` yields for the same file
+        (``normalize=False``: before intensity normalisation, e.g. in HU).
         """
         d = x.dim() - 1
         box = nonzero_box(x)
         xc = x[(slice(None), *box)]
         xp, grid = PlanGrid.resample_image(xc, nonzero_box_affine(affine, box), self.plan.orientation,
                                            self._target_spacing(d))
-        xp = normalize_intensity(xp, self.plan.normalization)
+        if normalize:
+            xp = normalize_intensity(xp, self.plan.normalization)
         return xp, grid, box
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -394,6 +416,29 @@ class Predictor:
             return SegmentResult(str(path), "failed", seconds=time.perf_counter() - start, message=f"{path}: {msg}")
         return SegmentResult(str(path), "ok", outputs=[str(p) for p in outs.values()], shape=image.spatial_shape,
                              seconds=time.perf_counter() - start)
+
+
+def body_box(x: torch.Tensor, threshold: float = -500.0, margin: int = 16, factor: int = 4) -> tuple[slice, ...]:
+    """Bounding box of the body in a CT ``x`` (C, *S) in HU: voxels above ``threshold`` (air is about
+    −1000 HU) found on a ``factor``× coarser grid (max-pooled, so a block counts when any voxel in it
+    does), widened by ``margin`` voxels per side and clipped to the image. The whole image when
+    nothing is above the threshold. Predicting background outside it is exact wherever the network
+    predicts background in air ``margin`` voxels away from the body."""
+    mask = x.amax(dim=0, keepdim=True).unsqueeze(0) > threshold  # (1, 1, *S)
+    d = mask.dim() - 2
+    if not bool(mask.any()):
+        return tuple(slice(0, s) for s in x.shape[1:])
+    pool = getattr(torch.nn.functional, f"max_pool{d}d")
+    coarse = pool(mask.float(), kernel_size=factor, stride=factor, ceil_mode=True)[0, 0] > 0
+    box = []
+    for axis in range(d):
+        other = tuple(a for a in range(d) if a != axis)
+        hits = torch.nonzero(coarse.any(dim=other) if other else coarse).flatten()
+        size = x.shape[1 + axis]
+        lo = max(0, int(hits[0]) * factor - margin)
+        hi = min(size, (int(hits[-1]) + 1) * factor + margin)
+        box.append(slice(lo, hi))
+    return tuple(box)
 
 
 def nonzero_box(x: torch.Tensor) -> tuple[slice, ...]:
