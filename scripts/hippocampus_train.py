@@ -74,6 +74,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-tta", action="store_true", help="final evaluation without mirroring TTA")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--evaluate-only", action="store_true",
+                   help="re-run the final evaluation and report of the run in --output-dir (no training)")
     return p.parse_args(argv)
 
 
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
         print(msg, flush=True)
         lines.append(msg)
 
+    if args.evaluate_only:
+        return reevaluate(args, out, log, lines)
     t_start, cpu_start = time.perf_counter(), time.process_time()
     log(f"host: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads "
         f"{torch.get_num_threads()}, load avg {os.getloadavg()[0]:.1f}")
@@ -184,6 +188,36 @@ def main(argv=None) -> int:
         "skipped": failures, "load_avg_end": os.getloadavg()[0],
     }, log)
     atomic_write_text(out / "log.txt", "\n".join(lines) + "\n")
+    print(f"checkpoint={ckpt}")
+    return 0
+
+
+def reevaluate(args, out: Path, log, lines) -> int:
+    """Final evaluation + report again for a finished run (same weights, plan, history and timings)."""
+    from medunet.data.cached import every_nth_split
+    from medunet.data.datalist import load_datalist
+    from medunet.data.plan import Plan
+    from medunet.engines.recipes import RecipeConfig, summarize_rows
+    from medunet.io import atomic_write_text, load_weights
+
+    previous = json.loads((out / "results.json").read_text())
+    ckpt = out / "models" / "model.pt"
+    plan = Plan.load(out / "models" / "plan.json")
+    network = plan.build_network()
+    load_weights(network, ckpt)
+    items = load_datalist(args.data_dir)
+    if args.cases:
+        items = items[: args.cases]
+    _, val_items = every_nth_split(items, args.val_every)
+    t0 = time.perf_counter()
+    rows = predictor_rows(network, plan, val_items, tta=not args.no_tta, log=log)
+    timing = dict(previous["timing"])
+    timing["eval_s"] = time.perf_counter() - t0
+    timing["total_s"] = timing["prep_s"] + timing["train_s"] + timing["eval_s"]
+    args.augment = previous.get("augment", args.augment)
+    config = RecipeConfig(**previous["recipe"])
+    write_outputs(out, plan, previous["history"], rows, summarize_rows(rows), args, config, timing, log)
+    atomic_write_text(out / "log_evaluate.txt", "\n".join(lines) + "\n")
     print(f"checkpoint={ckpt}")
     return 0
 

@@ -261,7 +261,10 @@ class TiledInferer(Inferer):
         if lay["valid"]:
             x = mirror_pad(x, lay["pad_before"], lay["pad_after"])
         elif any(lay["pad_after"]):
-            x = mirror_pad(x, [0] * len(shape), lay["pad_after"])
+            # 'same' networks: zero padding (the normalised mean), as training pads patches
+            # (train_transforms' SpatialPadd(mode="constant"), medunet.data.cached) and as nnU-Net does
+            flat = [v for a in reversed(lay["pad_after"]) for v in (0, int(a))]
+            x = torch.nn.functional.pad(x, flat)
         tile_in, tile_out = lay["tile_in"], lay["tile_out"]
         weight = self._weights(tile_out, lay["valid"], device)
         corners = list(itertools.product(*lay["starts"]))
