@@ -211,6 +211,8 @@ def reevaluate(args, out: Path, log, lines) -> int:
     _, val_items = every_nth_split(items, args.val_every)
     t0 = time.perf_counter()
     rows = predictor_rows(network, plan, val_items, tta=not args.no_tta, log=log)
+    for stale in (out / "report" / "overlays").glob("*.png"):
+        stale.unlink()
     timing = dict(previous["timing"])
     timing["eval_s"] = time.perf_counter() - t0
     timing["total_s"] = timing["prep_s"] + timing["train_s"] + timing["eval_s"]
