@@ -20,6 +20,15 @@ from medunet.engines.recipes import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP contention on a shared CPU (restored afterwards)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def test_poly_lr_schedule_and_warmup():
     assert poly_lr(1.0, 0.0) == 1.0
     assert poly_lr(1.0, 1.0) == 0.0
