@@ -1,7 +1,8 @@
 """Inference speed: medunet's Predictor against MONAI's sliding_window_inference, on CPU, one process.
 
 A CT phantom (~256×256×160 voxels after resampling) is segmented by the ``bundles/ct`` network with
-weights trained on CT phantoms (trained here, briefly, when ``--workdir`` holds no checkpoint yet):
+weights trained on CT phantoms (trained here with the engines' recipe, ``--train-seconds`` = 12 min on
+8 phantoms by default, when ``--workdir`` holds no checkpoint for this plan yet; ``--retrain`` forces it):
 
 * baseline: MONAI's ``SlidingWindowInferer`` at the model-zoo settings (roi 96³, overlap 0.5,
   gaussian, sw_batch_size 4);
@@ -13,7 +14,8 @@ increase, label agreement with the baseline (Dice over classes), Dice against th
 network's achieved GFLOP/s against a conv3d roofline measured here. The last line is
 ``speedup_vs_monai=X.XX agreement_dice=Y.YYY`` for the default Predictor configuration.
 
-Usage: ``.venv/bin/python scripts/bench_inference.py [--workdir DIR] [--train-seconds 300] [--quick]``.
+Usage: ``.venv/bin/python scripts/bench_inference.py [--workdir DIR] [--train-seconds 720] [--retrain]
+[--train-only] [--quick]`` (``--quick``: baseline, channels_last, body crop and the defaults only).
 Timings on a shared machine vary with the load: the ratio (same process, back to back) is what counts.
 """
 
