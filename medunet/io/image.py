@@ -5,7 +5,9 @@ Every failure is an :class:`~medunet.io.errors.InputError` naming the file and t
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import logging
 import os
 import zlib
 from dataclasses import dataclass, field
@@ -80,6 +82,22 @@ class ImageData:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, : self.spatial_dims], axis=0))
 
 
+@contextlib.contextmanager
+def _quiet_nibabel_header_fixes():
+    """Silence nibabel's header-fix warnings (e.g. "pixdim should be non-zero") while loading.
+
+    Our own checks report those problems as one line naming the file; nibabel's logger also has its
+    own stream handler, bound to the ``sys.stderr`` of import time, which may since have been closed.
+    """
+    logger = logging.getLogger("nibabel.global")
+    previous = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
 def validate_affine(affine: np.ndarray, path: str | os.PathLike, spatial_dims: int = 3) -> np.ndarray:
     """Check a voxel-to-world matrix: finite, non-singular, positive spacing. Returns it as float64."""
     affine = np.asarray(affine, dtype=np.float64)
@@ -141,7 +159,8 @@ def read_nifti_header(path: str | os.PathLike) -> nib.Nifti1Image:
     if str(path).lower().endswith(".gz") and magic[:2] != _GZIP_MAGIC:
         raise InputError(path, "named .gz but not gzip-compressed")
     try:
-        img = nib.load(str(path))
+        with _quiet_nibabel_header_fixes():
+            img = nib.load(str(path))
     except (gzip.BadGzipFile, zlib.error, EOFError) as e:
         raise InputError(path, f"corrupt gzip stream ({e})") from None
     except nib.filebasedimages.ImageFileError as e:
