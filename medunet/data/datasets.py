@@ -20,7 +20,7 @@ from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset, Thr
 from monai.transforms import Compose
 
 from medunet.data.plan import Plan
-from medunet.io import InputError, is_2d_image, is_nifti
+from medunet.io import InputError, is_2d_image, is_nifti, read_nifti_header
 
 __all__ = ["make_dataset", "make_loader", "estimate_cache_bytes", "find_input_error", "CACHE_MODES"]
 
@@ -46,12 +46,7 @@ def _voxels_and_spacing(path: str | os.PathLike) -> tuple[int, list[float] | Non
     """Voxel count (all channels) and spacing of an image file from its header alone."""
     p = Path(path)
     if is_nifti(p):
-        import nibabel as nib
-
-        try:
-            hdr = nib.load(str(p)).header
-        except Exception as e:  # nibabel raises a variety of errors on bad headers
-            raise InputError(p, f"unreadable NIfTI header ({e})") from None
+        hdr = read_nifti_header(p).header  # the io layer's checks and one-line errors
         shape = hdr.get_data_shape()
         return int(np.prod(shape)), [float(z) for z in hdr.get_zooms()[:3]]
     if is_2d_image(p):
