@@ -11,13 +11,9 @@ cheap intensity changes.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,7 +23,7 @@ from medunet.data.plan import Plan
 from medunet.io import InputError, image_id
 
 __all__ = [
-    "CachedCase", "msd_training_items", "every_nth_split", "cache_cases", "PatchSampler", "AugmentConfig",
+    "CachedCase", "every_nth_split", "cache_cases", "PatchSampler", "AugmentConfig",
 ]
 
 
@@ -53,39 +49,6 @@ class CachedCase:
     @property
     def spatial_shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.image.shape[1:])
-
-
-def _numeric_key(path: str) -> tuple:
-    """Sort key that orders ``case_2`` before ``case_10``."""
-    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", Path(path).name))
-
-
-def msd_training_items(data_dir: str | os.PathLike) -> list[dict]:
-    """The ``training`` list of an MSD-layout ``dataset.json`` as absolute paths, in numeric case order.
-
-    Returns:
-        ``[{"image": "/abs/imagesTr/x.nii.gz", "label": "/abs/labelsTr/x.nii.gz"}, ...]``.
-
-    Raises:
-        InputError: when ``dataset.json`` is missing, unreadable or has no ``training`` entries.
-    """
-    data_dir = Path(data_dir)
-    meta_path = data_dir / "dataset.json"
-    if not meta_path.is_file():
-        raise InputError(meta_path, "dataset.json not found (expected the MSD layout: dataset.json, imagesTr/, labelsTr/)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(meta_path, f"not readable JSON ({e})") from None
-    entries = meta.get("training") or []
-    if not entries:
-        raise InputError(meta_path, "has no 'training' entries")
-    items = []
-    for entry in entries:
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise InputError(meta_path, f"training entry {entry!r} needs 'image' and 'label'")
-        items.append({k: str((data_dir / entry[k]).resolve()) for k in ("image", "label")})
-    return sorted(items, key=lambda d: _numeric_key(d["image"]))
 
 
 def every_nth_split(items: Sequence[dict], n: int = 5) -> tuple[list[dict], list[dict]]:
