@@ -103,6 +103,31 @@ def test_full_augmentation_keeps_labels_valid_and_is_reproducible():
         assert torch.isfinite(ia).all()
 
 
+def test_foreground_oversampling_finds_small_structures_in_large_volumes():
+    # one 2³ blob of class 2 and one of class 1 in a 40³ volume: a uniform 8³ patch rarely sees either
+    image = torch.zeros(1, 40, 40, 40)
+    label = torch.zeros(1, 40, 40, 40, dtype=torch.uint8)
+    label[0, 3:5, 30:32, 17:19] = 2
+    label[0, 36:38, 2:4, 37:39] = 1  # near a corner: the clamped patch must still contain it
+    case = CachedCase("blob", image, label, "i", "l")
+
+    def fraction_with(cls, fg):
+        sampler = PatchSampler([case], (8, 8, 8), 4, AugmentConfig.none(), seed=0, foreground_fraction=fg)
+        hits = [bool((lab == cls).any()) for _ in range(50) for lab in sampler()[1]]
+        return sum(hits) / len(hits)
+
+    for cls in (1, 2):
+        assert fraction_with(cls, 0.0) < 0.05
+        # about half of the forced samples pick each class, and the picked class is always inside
+        assert 0.3 < fraction_with(cls, 1.0) < 0.7
+    assert 0.1 < fraction_with(2, 0.33) < 0.3
+    # a case without foreground falls back to uniform placement
+    empty = CachedCase("empty", image, torch.zeros_like(label), "i", "l")
+    assert PatchSampler([empty], (8, 8, 8), 2, AugmentConfig.none(), foreground_fraction=1.0)()[0].shape == (2, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match="foreground_fraction"):
+        PatchSampler([case], (8, 8, 8), 2, foreground_fraction=1.5)
+
+
 def test_sampler_2d_and_rejects_mismatched_dims():
     g = torch.Generator().manual_seed(0)
     case = CachedCase("c2", torch.randn(1, 12, 9, generator=g), torch.randint(0, 2, (1, 12, 9), generator=g, dtype=torch.uint8), "i", "l")

@@ -280,6 +280,31 @@ def test_auto_window_is_the_whole_image_when_it_fits_else_the_patch_scaled_up():
     assert out.shape == (1, 2, 20, 20, 8) and inferer.last_stats["windows"] > 1
 
 
+def test_auto_window_keeps_the_training_patch_for_instance_norm_networks():
+    """Instance/group norm normalise by the window's own statistics, so an IN network's output changes
+    with the window size: "auto" then uses the training patch (nnU-Net's rule); a batch-norm network in
+    eval mode does not care, so it gets large windows."""
+    from medunet.inference.sliding import has_window_dependent_norm
+
+    opts = {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "filters": (4, 8, 16)}
+    inst = networks.create("dynunet", spatial_dims=3, in_channels=1, out_channels=2, **opts).eval()
+    batch = networks.create("dynunet", spatial_dims=3, in_channels=1, out_channels=2, norm_name="batch", **opts).eval()
+    assert has_window_dependent_norm(inst) and not has_window_dependent_norm(batch)
+    assert has_window_dependent_norm(networks.create("segresnet", spatial_dims=3, **networks.get_spec("segresnet").tiny_options))
+    x = torch.randn(1, 1, 32, 28, 12)
+    for net, expected in ((inst, (8, 8, 8)), (batch, (32, 28, 12))):
+        inferer = TiledInferer(roi_size="auto", patch_size=(8, 8, 8))
+        with torch.inference_mode():
+            out = inferer(x, net)
+        assert out.shape == (1, 2, 32, 28, 12)
+        assert inferer.last_stats["tile_in"] == expected
+    # an image inside the patch is still predicted whole (padded to the patch)
+    inferer = TiledInferer(roi_size="auto", patch_size=(8, 8, 8))
+    with torch.inference_mode():
+        inferer(torch.randn(1, 1, 8, 6, 8), inst)
+    assert inferer.last_stats["tile_in"] == (8, 8, 8) and inferer.last_stats["windows"] == 1
+
+
 def test_body_box_finds_the_body_on_a_coarse_grid_and_widens_it():
     from medunet.inference import body_box
 

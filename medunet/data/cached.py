@@ -183,20 +183,30 @@ class PatchSampler:
     padding, i.e. the normalised mean); optional rotation/scaling about the patch centre — all done by one
     ``grid_sample`` (bilinear image, nearest label); then mirroring and intensity augmentation.
 
+    Foreground oversampling (as nnU-Net does): with probability ``foreground_fraction`` a sample is
+    instead centred on a random voxel of a random foreground class present in the case (then clamped to
+    the same allowed range), so small structures in large volumes are seen often enough. Cases without
+    foreground fall back to uniform placement.
+
     Args:
         cases: the training cases.
         patch_size: ``(P0, P1[, P2])``, should be valid for the network.
         batch_size: samples per batch.
         augment: :class:`AugmentConfig` (``AugmentConfig.none()`` for plain crops).
         seed: seeds the sampler's own generator (reproducible batches).
+        foreground_fraction: probability that a sample is centred on foreground (0 disables).
 
     Call it to get ``(image (B, C, *P) float32, label (B, 1, *P) int64)``.
     """
 
     def __init__(self, cases: Sequence[CachedCase], patch_size: Sequence[int], batch_size: int,
-                 augment: AugmentConfig | None = None, seed: int = 0) -> None:
+                 augment: AugmentConfig | None = None, seed: int = 0, foreground_fraction: float = 0.33) -> None:
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
+        if not 0.0 <= foreground_fraction <= 1.0:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+        self.foreground_fraction = float(foreground_fraction)
+        self._foreground: dict[int, list[torch.Tensor]] = {}
         self.cases = list(cases)
         self.patch = tuple(int(p) for p in patch_size)
         self.dims = len(self.patch)
@@ -218,11 +228,35 @@ class PatchSampler:
             m = m * float(rng.uniform(*aug.scale))
         return m
 
-    def _sample(self, case: CachedCase) -> tuple[torch.Tensor, torch.Tensor]:
+    def _foreground_voxels(self, index: int) -> list[torch.Tensor]:
+        """Per foreground class present in case ``index``: voxel coordinates ``(N, dims)`` (≤ 10,000 kept)."""
+        if index not in self._foreground:
+            label = self.cases[index].label[0]
+            pick = np.random.default_rng(index)
+            found = []
+            for c in torch.unique(label).tolist():
+                if c == 0:
+                    continue
+                where = torch.nonzero(label == c)
+                if len(where) > 10_000:
+                    where = where[torch.from_numpy(np.sort(pick.choice(len(where), 10_000, replace=False)))]
+                found.append(where)
+            self._foreground[index] = found
+        return self._foreground[index]
+
+    def _sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        case = self.cases[index]
         shape = case.spatial_shape
         lo = [min(0, s - p) for s, p in zip(shape, self.patch)]
         hi = [max(0, s - p) for s, p in zip(shape, self.patch)]
-        start = [float(self.rng.integers(a, b + 1)) for a, b in zip(lo, hi)]
+        classes = (self._foreground_voxels(index)
+                   if self.foreground_fraction > 0 and self.rng.random() < self.foreground_fraction else [])
+        if classes:
+            voxels = classes[int(self.rng.integers(len(classes)))]
+            centre = voxels[int(self.rng.integers(len(voxels)))].tolist()
+            start = [float(min(max(c - p // 2, a), b)) for c, p, a, b in zip(centre, self.patch, lo, hi)]
+        else:
+            start = [float(self.rng.integers(a, b + 1)) for a, b in zip(lo, hi)]
         matrix = self._matrix()
         if torch.equal(matrix, torch.eye(self.dims, dtype=torch.float64)):
             image, label = _integer_crop(case.image, start, self.patch), _integer_crop(case.label, start, self.patch)
@@ -261,7 +295,7 @@ class PatchSampler:
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         picks = self.rng.integers(0, len(self.cases), self.batch_size)
-        images, labels = zip(*(self._sample(self.cases[i]) for i in picks))
+        images, labels = zip(*(self._sample(int(i)) for i in picks))
         return torch.stack(images).contiguous(), torch.stack(labels).round().long()
 
 

@@ -58,6 +58,13 @@ def auto_window(shape: Sequence[int], patch_size: Sequence[int] | None, max_voxe
     return tuple(window)
 
 
+def has_window_dependent_norm(network: torch.nn.Module) -> bool:
+    """True when ``network`` has an instance or group norm layer: both normalise by statistics over the
+    window's own voxels, so its output depends on the window size (batch norm in eval mode does not)."""
+    kinds = (torch.nn.modules.instancenorm._InstanceNorm, torch.nn.GroupNorm)
+    return any(isinstance(m, kinds) for m in network.modules())
+
+
 def mirror_pad(x: torch.Tensor, before: Sequence[int], after: Sequence[int]) -> torch.Tensor:
     """Pad the spatial axes of ``x`` (B, C, *S) by mirroring (no edge repeat), any amount.
 
@@ -135,7 +142,10 @@ class TiledInferer(Inferer):
         amp: autocast (float16) on CUDA.
         channels_last: run 3D tiles in ``channels_last_3d`` memory format.
         cpu_bf16: bfloat16 autocast on the CPU.
-        patch_size: the training patch; ``roi_size="auto"`` grows windows from its proportions.
+        patch_size: the training patch; ``roi_size="auto"`` grows windows from its proportions, except
+            for networks with instance norm (:func:`has_window_dependent_norm`), whose windows stay at the
+            training patch on images larger than it (their output depends on the window's statistics;
+            group norm likewise).
         max_window_voxels: ``roi_size="auto"``: the largest window (the whole image when it fits).
     """
 
@@ -186,7 +196,14 @@ class TiledInferer(Inferer):
         if roi is None:
             roi = shape
         elif isinstance(roi, str):  # "auto"
-            roi = auto_window(shape, self.patch_size, self.max_window_voxels)
+            if self.patch_size is not None and has_window_dependent_norm(network) and \
+                    any(s > p for s, p in zip(shape, self.patch_size)):
+                # instance norm normalises by each window's own statistics: a window larger than the
+                # training patch changes what the network sees, so such networks keep nnU-Net's
+                # window = training patch; batch-norm/no-norm networks are window-size independent
+                roi = self.patch_size
+            else:
+                roi = auto_window(shape, self.patch_size, self.max_window_voxels)
         elif isinstance(roi, int):
             roi = (roi,) * d
         roi = tuple(int(r) if r and int(r) > 0 else s for r, s in zip(roi, shape))
