@@ -26,7 +26,6 @@ BUNDLE = REPO / "bundles" / "ct"
 
 def _bundle_overrides(out: Path, epochs: int, cases: int) -> dict:
     return {
-        "bundle_root": str(BUNDLE),
         "dataset_dir": str(out / "data" / "ct"),
         "output_dir": str(out / "ct" / "eval"),
         "ckpt_dir": str(out / "ct" / "models"),
@@ -39,13 +38,6 @@ def _bundle_overrides(out: Path, epochs: int, cases: int) -> dict:
     }
 
 
-def _run_bundle(run_id: str, configs: list[str], overrides: dict) -> None:
-    from monai.bundle import run
-
-    run(run_id, config_file=[str(BUNDLE / "configs" / c) for c in configs],
-        logging_file=str(BUNDLE / "configs" / "logging.conf"), **overrides)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=16)
@@ -56,14 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     overrides = _bundle_overrides(out, args.epochs, args.cases)
     # small volumes: extra OpenMP threads gain little and stall badly on a busy 2-core machine
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from medunet.engines.workflow import run_bundle_workflow  # imports torch: after the thread setting
+
     t0 = time.perf_counter()
 
     print(f"[1-2/5] train bundles/ct for {args.epochs} epochs on {args.cases} CT phantoms", flush=True)
-    _run_bundle("training", ["train.json"], overrides)
+    run_bundle_workflow(BUNDLE, "train", overrides)
     t_train = time.perf_counter() - t0
 
     print("[3/5] evaluate the best checkpoint on the validation fold", flush=True)
-    _run_bundle("evaluating", ["train.json", "evaluate.json"], overrides)
+    run_bundle_workflow(BUNDLE, "evaluate", overrides)
     summary = json.loads((out / "ct" / "eval" / "evaluation" / "summary.json").read_text())
 
     print("[4/5] medunet segment one held-out volume", flush=True)

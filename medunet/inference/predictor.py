@@ -118,7 +118,8 @@ class Predictor:
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda[:i]"``.
         tta: average over all mirrored copies (8 in 3D, 4 in 2D), as nnU-Net does.
         roi_size: input window (voxels), ``None`` for the plan's patch, or ``"auto"`` (default): the
-            patch scaled up to ~1M voxels (see :class:`~medunet.inference.sliding.TiledInferer`).
+            patch scaled up to ~1M voxels, or the patch itself for instance/group-norm networks (see
+            :class:`~medunet.inference.sliding.TiledInferer`).
         overlap: window overlap for 'same' networks (MONAI's bundles use 0.5; 0.25 needs about half
             the windows; windows are spread evenly, so the real overlap is often larger).
         mode: window blending, ``"gaussian"`` or ``"constant"``.

@@ -129,9 +129,8 @@ class TiledInferer(Inferer):
         roi_size: input tile size (voxels); rounded up to a size the network accepts and shrunk to
             the image where the image is smaller. ``None``: the whole image in one pass. ``"auto"``:
             the training patch scaled up, same proportions, to ``max_window_voxels`` (the whole image
-            when it is smaller): fewer, larger windows waste less on overlap, while staying close
-            enough to the training patch that instance-norm statistics do not drift (a whole-volume
-            pass of a CT lost 0.02 Dice in our benchmark; 2**20-voxel windows lost < 0.002).
+            when it is smaller): fewer, larger windows waste less on overlap. Networks with instance
+            or group norm keep the training patch instead (see ``patch_size``).
         overlap: fraction of a window shared with its neighbour ('same' networks; 0 ≤ overlap < 1).
         mode: ``"gaussian"`` or ``"constant"`` blending weights ('same' networks).
         sigma_scale: gaussian sigma relative to the window size (MONAI/nnU-Net use 0.125).
