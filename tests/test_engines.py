@@ -181,6 +181,23 @@ def test_final_validation_when_last_epoch_was_not_validated(tmp_path):
     assert (tmp_path / "models" / "model.pt").exists()
 
 
+def test_resume_with_a_changed_network_names_the_checkpoint(tmp_path):
+    """A run folder whose latest checkpoint came from another network (e.g. the plan switched instance
+    norm to batch norm) stops with one line naming the checkpoint, not a state_dict dump."""
+    from medunet.io import InputError
+
+    old = CheckpointManager(tmp_path / "models", tmp_path / "out", torch.nn.Linear(2, 2))
+    trainer = Engine(lambda e, b: {"loss": 0.0})
+    old.attach(trainer)
+    trainer.run([0], max_epochs=1)
+    new = CheckpointManager(tmp_path / "models", tmp_path / "out", torch.nn.Sequential(torch.nn.Linear(2, 3)))
+    trainer = Engine(lambda e, b: {"loss": 0.0})
+    new.attach(trainer)
+    with pytest.raises(InputError, match=r"checkpoint_latest\.pt: holds a different network") as info:
+        trainer.run([0], max_epochs=2)
+    assert "\n" not in str(info.value)
+
+
 def test_cli_train_and_evaluate_a_bundle(tmp_path, capsys):
     import json
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from ignite.engine import Engine, Events
 
-from medunet.io import atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
+from medunet.io import InputError, atomic_write_bytes, atomic_write_text, load_checkpoint, save_checkpoint
 
 __all__ = ["is_rank0", "CheckpointManager", "EpochSeeder", "HistoryLogger", "unwrap", "plot_history"]
 
@@ -112,7 +112,13 @@ class CheckpointManager:
         if not self.resume or not self.latest_path.exists():
             return
         state = load_checkpoint(self.latest_path, map_location="cpu")
-        unwrap(self.network).load_state_dict(state["model"])
+        try:
+            unwrap(self.network).load_state_dict(state["model"])
+        except RuntimeError as e:  # layers renamed or reshaped: the plan's network changed since
+            first = str(e).strip().splitlines()[-1].strip()
+            raise InputError(self.latest_path, "holds a different network than the one configured now (the "
+                             "plan changed since it was written); resume False or another output_dir starts "
+                             f"afresh ({first[:160]})") from None
         if self.optimizer is not None and state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
         if self.lr_scheduler is not None and state.get("scheduler"):
