@@ -16,7 +16,14 @@ network's achieved GFLOP/s against a conv3d roofline measured here. The last lin
 ``speedup_vs_monai=X.XX agreement_dice=Y.YYY`` for the default Predictor configuration.
 
 Usage: ``.venv/bin/python scripts/bench_inference.py [--workdir DIR] [--train-seconds 1680] [--retrain]
-[--train-only] [--quick]`` (``--quick``: baseline, channels_last, body crop and the defaults only).
+[--continue-training] [--train-only] [--quick] [--reference-shifts 24 13]`` (``--quick``: baseline, channels_last, body crop and
+the defaults only).
+
+Reference rows: the baseline is also run with its window grid shifted (``--reference-shifts``), and its
+agreement with itself is printed (``monai_self_agreement``). Any tiling other than the baseline's own
+moves the window borders the same way, so this is the agreement that a different tiling can be
+expected to reach with a given network: it is close to 1 only for a network whose labels do not
+depend on where the window borders fall.
 Timings on a shared machine vary with the load: the ratio (same process, back to back) is what counts.
 """
 
@@ -120,6 +127,25 @@ def forward_flops(network: torch.nn.Module, shape) -> float:
 
 
 # --------------------------------------------------------------------------------------------------
+class ShiftedGridInferer:
+    """The baseline's tiling with its window grid moved by ``shift`` voxels along every axis.
+
+    The input ``(B, C, *S)`` is padded in front by ``shift`` voxels of its minimum (air after CT
+    normalisation), tiled by ``inner``, and the output cropped back to ``S``. Comparing its labels with
+    the unshifted baseline's measures how much the network's labels depend on where the window borders
+    fall: the agreement any different tiling can expect against the baseline.
+    """
+
+    def __init__(self, inner, shift: int) -> None:
+        self.inner, self.shift = inner, int(shift)
+
+    def __call__(self, x: torch.Tensor, network) -> torch.Tensor:
+        s = self.shift
+        padded = torch.nn.functional.pad(x, (s, 0) * (x.dim() - 2), mode="constant", value=float(x.min()))
+        out = self.inner(padded, network)
+        return out[(Ellipsis, *[slice(s, None)] * (x.dim() - 2))]
+
+
 def bench_plan(spacing) -> Plan:
     """The bundle's plan (network, labels, normalisation) with a spacing giving ~256×256×160 voxels."""
     plan = Plan.load(BUNDLE_PLAN)
@@ -145,12 +171,18 @@ def preprocess_case(case, plan: Plan, predictor: Predictor):
                       image_path="", label_path="", spacing=grid.plan_spacing)
 
 
-def train(plan: Plan, workdir: Path, seconds: float, cases: int, log) -> Path:
-    """Train the bundle network on CT phantoms with the engines' recipe; save {"model", "plan"}."""
+def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, init: dict | None = None) -> Path:
+    """Train the bundle network on CT phantoms with the engines' recipe; save {"model", "plan"}.
+
+    ``init``: a state_dict to start from (``--continue-training``: another warm-up + poly cycle on top
+    of the cached weights); the number of training seconds so far is kept in the checkpoint.
+    """
     from medunet.data.cached import AugmentConfig, PatchSampler
     from medunet.engines.recipes import DeepSupervisionDiceCE, RecipeConfig, train_recipe
 
     network = plan.build_network()
+    if init is not None:
+        network.load_state_dict(init)
     predictor = Predictor(network, plan, device="cpu")
     t = time.perf_counter()
     cached = [preprocess_case(generate_case("ct", i, seed=0, size=PHANTOM_SHAPE), plan, predictor)
@@ -159,10 +191,18 @@ def train(plan: Plan, workdir: Path, seconds: float, cases: int, log) -> Path:
         f"(shapes {[c.spatial_shape for c in cached]})")
     sampler = PatchSampler(cached, plan.patch_size, batch_size=2, augment=AugmentConfig(), seed=0)
     config = RecipeConfig(lr=3e-3, time_budget_s=seconds, eval_interval_s=max(seconds / 4, 30), warmup_iterations=20)
-    train_recipe(network, sampler, DeepSupervisionDiceCE(), config, log=log)
+    history = train_recipe(network, sampler, DeepSupervisionDiceCE(), config, log=log)
     path = workdir / "model.pt"
-    save_checkpoint({"model": network.state_dict(), "plan": plan.to_dict()}, path)
+    total = seconds + (float(init_seconds(path)) if init is not None else 0.0)
+    save_checkpoint({"model": network.state_dict(), "plan": plan.to_dict(), "train_seconds": total,
+                     "iterations": history[-1]["iteration"]}, path)
+    log(f"trained weights {path}: {total:.0f} s of training in all")
     return path
+
+
+def init_seconds(path: Path) -> float:
+    """Training seconds recorded in a cached checkpoint (older ones: the default budget)."""
+    return float(load_checkpoint(path).get("train_seconds", 1680.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,9 +213,14 @@ def main() -> None:
                     help="training time budget when no trained checkpoint is cached (default 28 min)")
     ap.add_argument("--train-cases", type=int, default=8)
     ap.add_argument("--retrain", action="store_true", help="train again even when a checkpoint is cached")
+    ap.add_argument("--continue-training", action="store_true",
+                    help="train the cached weights for another --train-seconds (a fresh warm-up + poly cycle)")
     ap.add_argument("--train-only", action="store_true", help="train (if needed), then stop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     ap.add_argument("--quick", action="store_true", help="only the baseline and the default configuration")
+    ap.add_argument("--reference-shifts", type=int, nargs="*", default=None,
+                    help="also run the baseline with its window grid shifted by these voxel counts and report its "
+                         "agreement with itself (default: 24 13; with --quick: 24; none: skip)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,8 +235,12 @@ def main() -> None:
     case = generate_case("ct", BENCH_CASE, seed=0, size=PHANTOM_SHAPE)
     plan = bench_plan(case.info["spacing"])
     ckpt = workdir / "model.pt"
-    if ckpt.exists() and not args.retrain and load_checkpoint(ckpt).get("plan") == plan.to_dict():
-        log(f"using trained weights {ckpt}")
+    cached = ckpt.exists() and not args.retrain and load_checkpoint(ckpt).get("plan") == plan.to_dict()
+    if cached and args.continue_training:
+        log(f"continuing the training of {ckpt} ({init_seconds(ckpt):.0f} s so far) for {args.train_seconds:.0f}s")
+        ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log, init=load_checkpoint(ckpt)["model"])
+    elif cached:
+        log(f"using trained weights {ckpt} ({init_seconds(ckpt):.0f} s of training)")
     else:
         log(f"no trained checkpoint in {workdir}: training the bundles/ct network for {args.train_seconds:.0f}s")
         ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log)
@@ -261,6 +310,13 @@ def main() -> None:
 
     log("running (wall time, peak RSS increase, windows, achieved GFLOP/s, Dice vs ground truth):")
     base = run("MONAI sliding_window_inference (96^3, 0.5, sw4)", baseline)
+    shifts = args.reference_shifts if args.reference_shifts is not None else ([24] if args.quick else [24, 13])
+    references = []
+    for shift in shifts:
+        shifted = make(cpu_bf16=False)
+        shifted.inferer = ShiftedGridInferer(baseline.inferer, shift)
+        ref = run(f"MONAI baseline, window grid shifted {shift} vox", shifted, base["label"])
+        references.append(ref)
     rows = []
     for name, kw in configs.items():
         row = run(name, make(**kw), base["label"])
@@ -275,16 +331,22 @@ def main() -> None:
         log(f"{r['name']:<52} {r['seconds']:7.2f} {r['speedup']:8.2f} {r['network_s']:9.2f} "
             f"{base['network_s'] / r['network_s']:8.2f} {r['agreement']:7.3f} {r['gt_dice']:8.4f} "
             f"{r['gt_dice'] - base['gt_dice']:+7.4f}")
-    log("(speedup: end to end, same preprocessing and way back for both; windows: the network part only)")
+    for r in references:
+        log(f"{r['name']:<52} {r['seconds']:7.2f} {'-':>8} {r['network_s']:9.2f} {'-':>8} {r['agreement']:7.3f} "
+            f"{r['gt_dice']:8.4f} {r['gt_dice'] - base['gt_dice']:+7.4f}")
+    log("(speedup: end to end, same preprocessing and way back for both; windows: the network part only;")
+    log(" the shifted-grid rows are the baseline against itself: the agreement a different tiling can expect)")
     final = rows[-1]
     summary = {k: v for k, v in final.items() if k != "label"}
     (workdir / "last_result.json").write_text(json.dumps(
         {"baseline_s": base["seconds"], "baseline_gt_dice": base["gt_dice"], **summary,
-         "load": os.getloadavg()}, indent=2, default=float))
+         "monai_self_agreement": {r["name"]: r["agreement"] for r in references}, "load": os.getloadavg()}, indent=2, default=float))
     log(f"load after: {os.getloadavg()}")
     for r in rows[:-1]:
         log(f"{r['name']}: speedup_vs_monai={r['speedup']:.2f} agreement_dice={r['agreement']:.3f} "
             f"gt_dice_delta={r['gt_dice'] - base['gt_dice']:+.4f}")
+    for r in references:
+        log(f"{r['name']}: monai_self_agreement={r['agreement']:.3f} gt_dice_delta={r['gt_dice'] - base['gt_dice']:+.4f}")
     log(f"defaults: gt_dice_delta={final['gt_dice'] - base['gt_dice']:+.4f} (baseline GT Dice {base['gt_dice']:.4f})")
     print(f"speedup_vs_monai={final['speedup']:.2f} agreement_dice={final['agreement']:.3f}")
 

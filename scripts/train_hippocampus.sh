@@ -4,7 +4,7 @@
 #   scripts/train_hippocampus.sh [DATA_DIR] [OUTPUT_DIR] [extra options for scripts/hippocampus_train.py]
 #
 # DATA_DIR defaults to ../shared/data/hippocampus (read in place, never copied), OUTPUT_DIR to
-# runs/hippocampus. Default budget: 25 min of training wall time (the whole command stays under 30 min
+# runs/hippocampus. Default budget: 28 min of training wall time (the whole command stays under 30 min
 # on 2 CPU cores). The last line printed is `checkpoint=PATH`, loadable with
 #   medunet segment --bundle bundles/mri --checkpoint PATH INPUT -o OUT
 set -euo pipefail

@@ -41,5 +41,28 @@ def test_same_network_windows_are_zero_padded_beyond_a_small_image():
     assert out.shape == (1, 2, 6, 8, 5)
     seen = rec.inputs[0]
     assert tuple(seen.shape[2:]) == (8, 8, 8)
-    assert torch.equal(seen[:, :, :6, :, :5], x)
-    assert float(seen[:, :, 6:].abs().sum()) == 0 and float(seen[..., 5:].abs().sum()) == 0
+    # centred, as nnU-Net pads: 6 -> 1 + 6 + 1, 5 -> 1 + 5 + 2
+    assert torch.equal(seen[:, :, 1:7, :, 1:6], x)
+    inside = torch.zeros_like(seen, dtype=torch.bool)
+    inside[:, :, 1:7, :, 1:6] = True
+    assert float(seen[~inside].abs().sum()) == 0
+    # and the blended output is the window's output at the image's place
+    with torch.no_grad():
+        whole = net(seen)
+    torch.testing.assert_close(out, whole[:, :, 1:7, :, 1:6])
+
+
+def test_centred_padding_when_only_some_axes_are_small():
+    """An axis longer than the window is tiled; a shorter one is padded on both sides and cropped back."""
+    net = networks.create("unet", 3, 1, 2, **networks.get_spec("unet").tiny_options).eval()
+    rec = _Recorder(net)
+    plan = Plan(labels={"background": 0, "a": 1}, patch_size=[8, 8, 8], network={"name": "unet"})
+    inferer = build_inferer(rec, plan, roi_size=(8, 8, 8), skip_constant=False)
+    x = torch.rand(1, 1, 11, 4, 8) + 1.0
+    with torch.no_grad():
+        out = inferer(x, rec)
+    assert out.shape == (1, 2, 11, 4, 8)
+    for seen in rec.inputs:
+        assert tuple(seen.shape[2:]) == (8, 8, 8)
+        assert float(seen[:, :, :, :2].abs().sum()) == 0 and float(seen[:, :, :, 6:].abs().sum()) == 0
+        assert float(seen[:, :, :, 2:6].abs().min()) >= 1.0
