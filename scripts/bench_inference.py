@@ -283,8 +283,9 @@ def main() -> None:
         with PeakRSS() as rss:
             pred = predictor.predict_image(image_data)
         stats = pred.stats
-        if isinstance(predictor.inferer, SlidingWindowInferer):
-            shape = grid.plan_shape
+        inner, shift = getattr(predictor.inferer, "inner", predictor.inferer), getattr(predictor.inferer, "shift", 0)
+        if isinstance(inner, SlidingWindowInferer):
+            shape = [s + shift for s in grid.plan_shape]
             n = int(np.prod([max(1, int(np.ceil((s - 96) / 48)) + 1) for s in shape]))
             flops = forward_flops(predictor.network, (96, 96, 96)) * n
         else:
