@@ -16,8 +16,8 @@ network's achieved GFLOP/s against a conv3d roofline measured here. The last lin
 ``speedup_vs_monai=X.XX agreement_dice=Y.YYY`` for the default Predictor configuration.
 
 Usage: ``.venv/bin/python scripts/bench_inference.py [--workdir DIR] [--train-seconds 1680] [--retrain]
-[--continue-training] [--train-only] [--quick] [--reference-shifts 24 13]`` (``--quick``: baseline, channels_last, body crop and
-the defaults only).
+[--continue-training] [--train-only] [--quick] [--reference-shifts 24 13]`` (``--quick``: baseline,
+channels_last, body crop and the defaults only).
 
 Reference rows: the baseline is also run with its window grid shifted (``--reference-shifts``), and its
 agreement with itself is printed (``monai_self_agreement``). Any tiling other than the baseline's own
@@ -175,7 +175,8 @@ def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, init: dict
     """Train the bundle network on CT phantoms with the engines' recipe; save {"model", "plan"}.
 
     ``init``: a state_dict to start from (``--continue-training``: another warm-up + poly cycle on top
-    of the cached weights); the number of training seconds so far is kept in the checkpoint.
+    of the cached weights); the checkpoint keeps the training seconds and iterations of all cycles
+    (a checkpoint from before these were recorded counts as one default 1680 s cycle).
     """
     from medunet.data.cached import AugmentConfig, PatchSampler
     from medunet.engines.recipes import DeepSupervisionDiceCE, RecipeConfig, train_recipe
@@ -193,9 +194,11 @@ def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, init: dict
     config = RecipeConfig(lr=3e-3, time_budget_s=seconds, eval_interval_s=max(seconds / 4, 30), warmup_iterations=20)
     history = train_recipe(network, sampler, DeepSupervisionDiceCE(), config, log=log)
     path = workdir / "model.pt"
-    total = seconds + (float(init_seconds(path)) if init is not None else 0.0)
+    before = load_checkpoint(path) if init is not None else {}
+    total = seconds + float(before.get("train_seconds", 1680.0) if before else 0.0)
+    iterations = history[-1]["iteration"] + int(before.get("iterations", 0))
     save_checkpoint({"model": network.state_dict(), "plan": plan.to_dict(), "train_seconds": total,
-                     "iterations": history[-1]["iteration"]}, path)
+                     "iterations": iterations}, path)
     log(f"trained weights {path}: {total:.0f} s of training in all")
     return path
 
@@ -217,10 +220,10 @@ def main() -> None:
                     help="train the cached weights for another --train-seconds (a fresh warm-up + poly cycle)")
     ap.add_argument("--train-only", action="store_true", help="train (if needed), then stop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--quick", action="store_true", help="only the baseline and the default configuration")
+    ap.add_argument("--quick", action="store_true", help="the baseline, its shifted-grid reference, channels_last, body crop and the defaults only")
     ap.add_argument("--reference-shifts", type=int, nargs="*", default=None,
                     help="also run the baseline with its window grid shifted by these voxel counts and report its "
-                         "agreement with itself (default: 24 13; with --quick: 24; none: skip)")
+                         "agreement with itself (default: 24 13; with --quick: 24; the flag with no value: skip)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
