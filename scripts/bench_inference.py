@@ -174,16 +174,15 @@ def preprocess_case(case, plan: Plan, predictor: Predictor):
 def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, init: dict | None = None) -> Path:
     """Train the bundle network on CT phantoms with the engines' recipe; save {"model", "plan"}.
 
-    ``init``: a state_dict to start from (``--continue-training``: another warm-up + poly cycle on top
-    of the cached weights); the checkpoint keeps the training seconds and iterations of all cycles
-    (a checkpoint from before these were recorded counts as one default 1680 s cycle).
+    ``init``: a cached checkpoint to start from (``--continue-training``: another warm-up + poly cycle
+    on top of its weights); the saved checkpoint keeps the training seconds and iterations of all cycles.
     """
     from medunet.data.cached import AugmentConfig, PatchSampler
     from medunet.engines.recipes import DeepSupervisionDiceCE, RecipeConfig, train_recipe
 
     network = plan.build_network()
     if init is not None:
-        network.load_state_dict(init)
+        network.load_state_dict(init["model"])
     predictor = Predictor(network, plan, device="cpu")
     t = time.perf_counter()
     cached = [preprocess_case(generate_case("ct", i, seed=0, size=PHANTOM_SHAPE), plan, predictor)
@@ -194,18 +193,17 @@ def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, init: dict
     config = RecipeConfig(lr=3e-3, time_budget_s=seconds, eval_interval_s=max(seconds / 4, 30), warmup_iterations=20)
     history = train_recipe(network, sampler, DeepSupervisionDiceCE(), config, log=log)
     path = workdir / "model.pt"
-    before = load_checkpoint(path) if init is not None else {}
-    total = seconds + float(before.get("train_seconds", 1680.0) if before else 0.0)
-    iterations = history[-1]["iteration"] + int(before.get("iterations", 0))
+    total = seconds + (trained_seconds(init) if init is not None else 0.0)
+    iterations = history[-1]["iteration"] + int((init or {}).get("iterations", 0))
     save_checkpoint({"model": network.state_dict(), "plan": plan.to_dict(), "train_seconds": total,
                      "iterations": iterations}, path)
     log(f"trained weights {path}: {total:.0f} s of training in all")
     return path
 
 
-def init_seconds(path: Path) -> float:
-    """Training seconds recorded in a cached checkpoint (older ones: the default budget)."""
-    return float(load_checkpoint(path).get("train_seconds", 1680.0))
+def trained_seconds(checkpoint: dict) -> float:
+    """Training seconds recorded in a cached checkpoint (older ones, which lack it: one default cycle)."""
+    return float(checkpoint.get("train_seconds", 1680.0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -238,12 +236,14 @@ def main() -> None:
     case = generate_case("ct", BENCH_CASE, seed=0, size=PHANTOM_SHAPE)
     plan = bench_plan(case.info["spacing"])
     ckpt = workdir / "model.pt"
-    cached = ckpt.exists() and not args.retrain and load_checkpoint(ckpt).get("plan") == plan.to_dict()
-    if cached and args.continue_training:
-        log(f"continuing the training of {ckpt} ({init_seconds(ckpt):.0f} s so far) for {args.train_seconds:.0f}s")
-        ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log, init=load_checkpoint(ckpt)["model"])
-    elif cached:
-        log(f"using trained weights {ckpt} ({init_seconds(ckpt):.0f} s of training)")
+    cached = load_checkpoint(ckpt) if ckpt.exists() and not args.retrain else None
+    if cached is not None and cached.get("plan") != plan.to_dict():
+        cached = None
+    if cached is not None and args.continue_training:
+        log(f"continuing the training of {ckpt} ({trained_seconds(cached):.0f} s so far) for {args.train_seconds:.0f}s")
+        ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log, init=cached)
+    elif cached is not None:
+        log(f"using trained weights {ckpt} ({trained_seconds(cached):.0f} s of training)")
     else:
         log(f"no trained checkpoint in {workdir}: training the bundles/ct network for {args.train_seconds:.0f}s")
         ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log)
