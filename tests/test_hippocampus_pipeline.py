@@ -28,13 +28,16 @@ def _env(repo_root: Path) -> dict:
     return env
 
 
-def test_pipeline_few_iterations_on_five_real_cases(hippocampus_dir, repo_root, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_pipeline_few_iterations_on_five_real_cases(hippocampus_dir, repo_root, tmp_path, workers):
     out = tmp_path / "run"
     cmd = ["bash", str(repo_root / "scripts" / "train_hippocampus.sh"), str(hippocampus_dir), str(out),
            "--cases", "5", "--max-iterations", "3", "--eval-interval", "0", "--no-tta", "--patch", "32", "48", "32",
-           "--batch", "2", "--threads", "1"]
+           "--batch", "2", "--threads", "1", "--workers", workers]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(repo_root), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"{workers} training process(es) x {2 // int(workers)} sample(s) per step" in proc.stdout
+    assert not (out / "models" / "_trained.pt").exists()  # the workers' hand-off file is gone
     last = proc.stdout.strip().splitlines()[-1]
     assert last.startswith("checkpoint="), proc.stdout[-2000:]
     ckpt = Path(last.split("=", 1)[1])
@@ -48,6 +51,7 @@ def test_pipeline_few_iterations_on_five_real_cases(hippocampus_dir, repo_root, 
     results = json.loads((out / "results.json").read_text())
     assert results["timing"]["n_train"] == 4 and results["timing"]["n_val"] == 1  # every 5th case held out
     assert results["timing"]["iterations"] == 3
+    assert results["timing"]["cpu_s"] > 0  # the worker processes' CPU time is counted too
     for name in ("anterior", "posterior"):
         cls = results["final"][name]
         assert 0.0 <= cls["dice"] <= 1.0 and (math.isnan(cls["hd95"]) or cls["hd95"] >= 0)
@@ -73,6 +77,14 @@ def test_pipeline_few_iterations_on_five_real_cases(hippocampus_dir, repo_root, 
     ref = nib.load(val_image)
     assert seg.shape == ref.shape and np.allclose(seg.affine, ref.affine)
     assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2}
+
+
+def test_pipeline_refuses_workers_that_do_not_divide_the_batch(hippocampus_dir, repo_root, tmp_path):
+    cmd = ["bash", str(repo_root / "scripts" / "train_hippocampus.sh"), str(hippocampus_dir), str(tmp_path / "o"),
+           "--cases", "5", "--max-iterations", "1", "--batch", "2", "--workers", "3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(repo_root), timeout=120)
+    assert proc.returncode != 0
+    assert "--workers 3: must be >= 1 and divide the batch size (2)" in proc.stderr
 
 
 def test_pipeline_refuses_a_folder_without_dataset_json(repo_root, tmp_path):

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 
+from medunet.engines.parallel import all_gather_list, world
 from medunet.inference.tta import predict_probabilities
 from medunet.metrics.segmentation import case_metrics
 
 __all__ = [
     "RecipeConfig", "poly_lr", "DeepSupervisionDiceCE", "whole_volume_logits", "evaluate_cases",
-    "summarize_rows", "train_recipe", "build_optimizer", "float32_norms",
+    "summarize_rows", "train_recipe", "build_optimizer", "float32_norms", "evaluate_cases_sharded",
 ]
 
 #: consecutive skipped (non-finite) steps after which training is declared diverged
@@ -213,6 +214,16 @@ def evaluate_cases(
     return rows
 
 
+def evaluate_cases_sharded(network: torch.nn.Module, cases: Sequence, num_classes: int, **kwargs) -> list[dict]:
+    """:func:`evaluate_cases` with the cases split over the ranks of a process group, rows gathered.
+
+    Rank ``r`` of ``W`` scores ``cases[r::W]``; every rank returns all rows (in rank order, not the
+    input order). Without a process group it is :func:`evaluate_cases`. Call it on every rank.
+    """
+    rank, size = world()
+    return all_gather_list(evaluate_cases(network, list(cases)[rank::size], num_classes, **kwargs))
+
+
 def summarize_rows(rows: Sequence[dict]) -> dict:
     """Mean of every per-class metric over cases (NaNs left out), plus the mean foreground Dice.
 
@@ -260,6 +271,13 @@ def train_recipe(
         log: receives one line per evaluation (``None``: silent).
         device: where the network and batches go.
 
+    Distributed: when a ``torch.distributed`` process group is up (e.g. under
+    :func:`medunet.engines.parallel.spawn_cpu_workers`), every rank calls this with its own
+    ``next_batch``; the network is wrapped in ``DistributedDataParallel`` (gradients averaged), and the
+    ranks agree after every step on the clock and the loss (their means), so they change the learning
+    rate, skip a step, evaluate and stop at the same iterations. ``evaluate`` runs on every rank (shard
+    the validation cases there and gather, e.g. :func:`evaluate_cases_sharded`).
+
     Returns:
         history: one dict per evaluation point with ``iteration``, ``elapsed_s`` (wall, training +
         evaluation), ``train_s`` (wall in training steps only), ``cpu_s`` (process CPU time),
@@ -274,10 +292,16 @@ def train_recipe(
     network.to(device).train()
     if config.bf16:
         float32_norms(network)
+    _, world_size = world()
+    model = network
+    if world_size > 1:
+        # averages gradients over the ranks (and starts every rank from rank 0's weights)
+        model = torch.nn.parallel.DistributedDataParallel(network)
     optimizer = build_optimizer(network, config)
     history: list[dict] = []
     t0, cpu0 = time.perf_counter(), time.process_time()
     train_s, last_eval, iteration, losses, skipped, bad_in_a_row = 0.0, 0.0, 0, [], 0, 0
+    clock = 0.0  # budget used so far, in config.clock seconds (the ranks' mean when distributed)
 
     def used() -> float:
         return time.perf_counter() - t0 if config.clock == "wall" else time.process_time() - cpu0
@@ -287,11 +311,19 @@ def train_recipe(
         if config.max_iterations:
             parts.append(iteration / config.max_iterations)
         if config.time_budget_s:
-            parts.append(used() / config.time_budget_s)
+            parts.append(clock / config.time_budget_s)
         return max(parts)
 
+    def agree(value: float) -> tuple[float, float]:
+        """(clock, loss) as all ranks see them: the means over ranks (a non-finite loss anywhere stays so)."""
+        if world_size == 1:
+            return used(), value
+        shared = torch.tensor([used(), value], dtype=torch.float64)
+        torch.distributed.all_reduce(shared)
+        return float(shared[0]) / world_size, float(shared[1]) / world_size
+
     def checkpoint(final: bool) -> None:
-        nonlocal last_eval, losses
+        nonlocal last_eval, losses, clock
         point = {"iteration": iteration, "elapsed_s": time.perf_counter() - t0, "train_s": train_s,
                  "cpu_s": time.process_time() - cpu0, "loss": float(np.mean(losses)) if losses else math.nan,
                  "lr": optimizer.param_groups[0]["lr"], "skipped_steps": skipped, "final": final}
@@ -300,7 +332,8 @@ def train_recipe(
             network.train()
         history.append(point)
         losses = []
-        last_eval = used()
+        clock = agree(0.0)[0]
+        last_eval = clock
         if log is not None:
             extra = " ".join(f"{k}={v:.4f}" for k, v in point.items()
                              if isinstance(v, float) and k not in ("elapsed_s", "train_s", "cpu_s", "loss", "lr"))
@@ -315,12 +348,12 @@ def train_recipe(
         image, label = next_batch()
         image, label = image.to(device), label.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            output = network(image)
+            output = model(image)
         loss = loss_fn(output, label)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), config.grad_clip or math.inf)
-        value = float(loss.detach())
+        clock, value = agree(float(loss.detach()))
         if math.isfinite(value) and bool(torch.isfinite(grad_norm)):
             optimizer.step()
             losses.append(value)
@@ -335,7 +368,7 @@ def train_recipe(
                                          f"with non-finite loss/gradients (loss {value}); lower the lr")
         iteration += 1
         train_s += time.perf_counter() - step_start
-        if config.eval_interval_s and used() - last_eval >= config.eval_interval_s and progress() < 1.0:
+        if config.eval_interval_s and clock - last_eval >= config.eval_interval_s and progress() < 1.0:
             checkpoint(final=False)
     checkpoint(final=True)
     return history
