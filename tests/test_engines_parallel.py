@@ -7,8 +7,10 @@ and share the validation cases between them.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +49,37 @@ def _config(**kw) -> RecipeConfig:
     return RecipeConfig(**{**base, **kw})
 
 
+def _own_listening_addresses() -> list[str] | None:
+    """IPv4/IPv6 addresses this process listens on (TCP), from /proc; ``None`` where /proc has no sockets."""
+    base = Path("/proc/self")
+    if not (base / "net" / "tcp").exists():
+        return None
+    inodes = set()
+    for fd in (base / "fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        path = base / "net" / table
+        if not path.exists():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # state LISTEN, one of our sockets
+                found.append(cols[1].rsplit(":", 1)[0])
+    return found
+
+
+def _is_loopback(hex_address: str) -> bool:
+    if len(hex_address) == 8:  # IPv4, little-endian: 127.x.x.x ends in 7F
+        return hex_address.endswith("7F")
+    return hex_address in ("00000000000000000000000001000000", "0000000000000000FFFF00000100007F")
+
+
 def _half_batch_worker(rank: int, world_size: int, out_dir: str) -> None:
     batches = iter(_batches(6))
 
@@ -56,7 +89,9 @@ def _half_batch_worker(rank: int, world_size: int, out_dir: str) -> None:
 
     net = _network()
     history = train_recipe(net, next_batch, _ce, _config(), log=None)
-    save_checkpoint({"state": net.state_dict(), "history": history}, f"{out_dir}/rank{rank}.pt")
+    listening = _own_listening_addresses()
+    save_checkpoint({"state": net.state_dict(), "history": history,
+                     "listening": listening if listening is not None else ["n/a"]}, f"{out_dir}/rank{rank}.pt")
 
 
 def test_two_workers_with_half_batches_train_like_one_process(tmp_path):
@@ -73,6 +108,9 @@ def test_two_workers_with_half_batches_train_like_one_process(tmp_path):
             torch.testing.assert_close(trained["state"][key], value, atol=2e-5, rtol=1e-4)
         # the logged loss is the mean over ranks, i.e. the whole batch's loss
         assert trained["history"][-1]["loss"] == pytest.approx(ref_history[-1]["loss"], rel=1e-4)
+        # gloo's sockets listen on the loopback interface only
+        if trained["listening"] != ["n/a"]:
+            assert trained["listening"] and all(_is_loopback(a) for a in trained["listening"]), trained["listening"]
     # and training moved the weights at all (the comparison above is not between two copies of the start)
     start = _network().state_dict()
     assert any(not torch.allclose(start[k], v) for k, v in reference.state_dict().items())
