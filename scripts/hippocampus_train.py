@@ -236,7 +236,7 @@ def train_worker(rank: int, world_size: int, args, plan, config, train_cases, va
     augment.mirror_axes = tuple(plan.mirror_axes) if plan.mirror_axes is not None else tuple(range(plan.spatial_dims))
     # every rank draws its own patches: seeds differ per rank (rank 0 keeps the single-process seed)
     sampler = PatchSampler(train_cases, plan.patch_size, plan.batch_size // world_size, augment=augment,
-                           seed=args.seed * world_size + rank)
+                           seed=args.seed + 100_003 * rank)
     n_classes, names = plan.out_channels, plan.label_names
 
     def periodic_eval(net) -> dict:
