@@ -84,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the batch is even, else 1. Two 1-thread workers train 1.25x more steps per second "
                         "than one 2-thread process on 2 cores, but on Hippocampus the extra steps did not "
                         "raise Dice (bundles/mri/docs/README.md), so the default stays 1")
+    p.add_argument("--device", default="cpu",
+                   help="where training and evaluation run: cpu, cuda[:i] or auto (CUDA when available); "
+                        "--workers applies to the CPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--evaluate-only", action="store_true",
                    help="re-run the final evaluation and report of the run in --output-dir (no training)")
@@ -158,10 +161,12 @@ def main(argv=None) -> int:
                           warmup_iterations=args.warmup, max_iterations=args.max_iterations,
                           time_budget_s=args.time_budget, clock=args.clock, eval_interval_s=args.eval_interval,
                           bf16=not args.no_bf16, seed=args.seed)
-    workers = resolve_workers(args.workers, plan.batch_size)
+    args.device = resolve_device(args.device)
+    workers = resolve_workers(args.workers, plan.batch_size) if args.device == "cpu" else 1
     torch.manual_seed(args.seed)
     network = plan.build_network()
-    log(f"network: {plan.network['name']} {count_parameters(network) / 1e6:.2f}M parameters; "
+    where = torch.cuda.get_device_name(torch.device(args.device)) if args.device != "cpu" else "CPU"
+    log(f"network: {plan.network['name']} {count_parameters(network) / 1e6:.2f}M parameters on {where}; "
         f"{workers} training process(es) x {plan.batch_size // workers} sample(s) per step")
     if workers == 1:
         history = train_worker(0, 1, args, plan, config, train_cases, val_cases, network, log)
@@ -181,12 +186,12 @@ def main(argv=None) -> int:
 
     # final weights (no selection on the validation split), evaluated the way `medunet segment` predicts
     t_eval0 = time.perf_counter()
-    rows = predictor_rows(network, plan, val_items, tta=not args.no_tta, log=log)
+    rows = predictor_rows(network, plan, val_items, tta=not args.no_tta, log=log, device=args.device)
     final = summarize_rows(rows)
     t_eval = time.perf_counter() - t_eval0
 
     models = out / "models"
-    ckpt = save_checkpoint(network.state_dict(), models / "model.pt")
+    ckpt = save_checkpoint({k: v.detach().cpu() for k, v in network.state_dict().items()}, models / "model.pt")
     plan.save(models / "plan.json")
     plan.save(out / "plan.json")
 
@@ -205,6 +210,17 @@ def cpu_seconds() -> float:
     """CPU time of this process and of its finished children (the ``--workers`` processes)."""
     t = os.times()
     return t.user + t.system + t.children_user + t.children_system
+
+
+def resolve_device(value: str) -> str:
+    """``--device``: 'auto' → 'cuda' when CUDA is available, else 'cpu'; a CUDA device must exist."""
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {value}: CUDA is not available on this machine")
+    if value != "cpu" and not value.startswith("cuda"):
+        raise SystemExit(f"--device: expected cpu, cuda[:i] or auto, got {value!r}")
+    return value
 
 
 def resolve_workers(value: str, batch_size: int) -> int:
@@ -245,7 +261,7 @@ def train_worker(rank: int, world_size: int, args, plan, config, train_cases, va
                 **{f"dice_{names[c]}": m["dice"] for c, m in summary["classes"].items()}}
 
     return train_recipe(network, sampler, DeepSupervisionDiceCE(), config, evaluate=periodic_eval,
-                        log=log if rank == 0 else None)
+                        log=log if rank == 0 else None, device=args.device)
 
 
 def _spawned_worker(rank: int, world_size: int, args, plan, config, train_cases, val_cases, handoff: str) -> None:
@@ -297,7 +313,7 @@ def reevaluate(args, out: Path, log, lines) -> int:
     return 0
 
 
-def predictor_rows(network, plan, items, tta: bool, log) -> list[dict]:
+def predictor_rows(network, plan, items, tta: bool, log, device: str = "cpu") -> list[dict]:
     """Predict each validation file with :class:`medunet.inference.Predictor` (what ``medunet segment``
     runs: training-identical preprocessing, sliding window over ``plan.patch_size``, exact inverse
     geometry) and score Dice/HD95 per class against the label file, in the file's own grid."""
@@ -306,7 +322,7 @@ def predictor_rows(network, plan, items, tta: bool, log) -> list[dict]:
     from medunet.metrics.segmentation import case_metrics
 
     network.eval()
-    predictor = Predictor(network, plan, device="cpu", tta=tta)
+    predictor = Predictor(network, plan, device=device, tta=tta)
     rows = []
     for item in items:
         try:
@@ -361,6 +377,8 @@ def write_outputs(out, plan, history, rows, final, args, config, timing, log) ->
         "augment": args.augment, "data_dir": str(args.data_dir), "history": history,
         "command": " ".join([sys.executable, *sys.argv]),
         "host": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}",
+        "device": getattr(args, "device", "cpu") if getattr(args, "device", "cpu") == "cpu"
+        else torch.cuda.get_device_name(torch.device(args.device)),
         "report": summary.get("files", []),
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float) + "\n")

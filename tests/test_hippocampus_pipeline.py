@@ -79,12 +79,16 @@ def test_pipeline_few_iterations_on_five_real_cases(hippocampus_dir, repo_root, 
     assert set(np.unique(np.asarray(seg.dataobj)).tolist()) <= {0, 1, 2}
 
 
-def test_pipeline_refuses_workers_that_do_not_divide_the_batch(hippocampus_dir, repo_root, tmp_path):
+@pytest.mark.parametrize("option, message", [
+    (["--workers", "3"], "--workers 3: must be >= 1 and divide the batch size (2)"),
+    (["--device", "tpu"], "--device: expected cpu, cuda[:i] or auto, got 'tpu'"),
+])
+def test_pipeline_refuses_bad_workers_or_device(hippocampus_dir, repo_root, tmp_path, option, message):
     cmd = ["bash", str(repo_root / "scripts" / "train_hippocampus.sh"), str(hippocampus_dir), str(tmp_path / "o"),
-           "--cases", "5", "--max-iterations", "1", "--batch", "2", "--workers", "3"]
+           "--cases", "5", "--max-iterations", "1", "--batch", "2", *option]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(repo_root), timeout=120)
     assert proc.returncode != 0
-    assert "--workers 3: must be >= 1 and divide the batch size (2)" in proc.stderr
+    assert message in proc.stderr
 
 
 def test_pipeline_refuses_a_folder_without_dataset_json(repo_root, tmp_path):

@@ -181,7 +181,8 @@ def evaluate_cases(
     """Predict each cached case whole and score it.
 
     Args:
-        network: in any mode; evaluation runs in ``eval()`` and restores the previous mode.
+        network: in any mode; evaluation runs in ``eval()`` and restores the previous mode. Cases are
+            moved to the network's device and predictions back to the CPU.
         cases: :class:`medunet.data.cached.CachedCase` s (1 mm isotropic or not: HD95 uses each case's
             spacing when it has one, else voxels).
         num_classes: ``K``, background included.
@@ -194,13 +195,15 @@ def evaluate_cases(
     """
     was_training = network.training
     network.eval()
+    first = next(network.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     rows = []
     try:
         for case in cases:
-            x = case.image.unsqueeze(0)
+            x = case.image.unsqueeze(0).to(device)
             probs, _ = predict_probabilities(lambda t: whole_volume_logits(network, t, bf16=bf16), x, tta=tta,
                                              mirror_axes=mirror_axes)
-            pred = probs[0].argmax(0).to(torch.uint8)
+            pred = probs[0].argmax(0).to(torch.uint8).cpu()
             spacing = getattr(case, "spacing", None)
             per_class = case_metrics(pred, case.label[0], num_classes, spacing=spacing, metrics=metrics)
             dices = [v["dice"] for v in per_class.values() if math.isfinite(v.get("dice", math.nan))]
