@@ -160,9 +160,11 @@ def _failing_worker(rank: int, world_size: int) -> None:
         raise RuntimeError("worker one failed on purpose")
 
 
-def test_a_failing_worker_fails_the_spawn_with_its_message():
+def test_a_failing_worker_fails_the_spawn_with_its_message(monkeypatch):
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
     with pytest.raises(Exception, match="worker one failed on purpose"):
         parallel.spawn_cpu_workers(_failing_worker, 2, threads_per_worker=1)
+    assert "GLOO_SOCKET_IFNAME" not in os.environ  # the caller's environment is left as it was
 
 
 def test_world_without_a_process_group_and_gather_is_identity():

@@ -82,11 +82,16 @@ def spawn_cpu_workers(fn: Callable, nprocs: int, args: Sequence = (), threads_pe
         raise ValueError(f"nprocs must be >= 1, got {nprocs}")
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // nprocs)
     interface = loopback_interface()
-    if interface and "GLOO_SOCKET_IFNAME" not in os.environ:
-        os.environ["GLOO_SOCKET_IFNAME"] = interface  # inherited by the spawned workers
-    with tempfile.TemporaryDirectory(prefix="medunet_dist_") as tmp:
-        store_path = str(Path(tmp) / "store")
-        mp.spawn(_worker, args=(fn, nprocs, threads, store_path, tuple(args)), nprocs=nprocs, join=True)
+    set_interface = bool(interface) and "GLOO_SOCKET_IFNAME" not in os.environ
+    if set_interface:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface  # inherited by the spawned workers, removed after
+    try:
+        with tempfile.TemporaryDirectory(prefix="medunet_dist_") as tmp:
+            store_path = str(Path(tmp) / "store")
+            mp.spawn(_worker, args=(fn, nprocs, threads, store_path, tuple(args)), nprocs=nprocs, join=True)
+    finally:
+        if set_interface:
+            os.environ.pop("GLOO_SOCKET_IFNAME", None)
 
 
 def all_gather_list(items: list) -> list:
