@@ -165,8 +165,8 @@ def main(argv=None) -> int:
     workers = resolve_workers(args.workers, plan.batch_size) if args.device == "cpu" else 1
     torch.manual_seed(args.seed)
     network = plan.build_network()
-    where = torch.cuda.get_device_name(torch.device(args.device)) if args.device != "cpu" else "CPU"
-    log(f"network: {plan.network['name']} {count_parameters(network) / 1e6:.2f}M parameters on {where}; "
+    log(f"network: {plan.network['name']} {count_parameters(network) / 1e6:.2f}M parameters on "
+        f"{device_name(args.device)}; "
         f"{workers} training process(es) x {plan.batch_size // workers} sample(s) per step")
     if workers == 1:
         history = train_worker(0, 1, args, plan, config, train_cases, val_cases, network, log)
@@ -221,6 +221,11 @@ def resolve_device(value: str) -> str:
     if value != "cpu" and not value.startswith("cuda"):
         raise SystemExit(f"--device: expected cpu, cuda[:i] or auto, got {value!r}")
     return value
+
+
+def device_name(device: str) -> str:
+    """What a resolved ``--device`` is, for the log and results.json: 'CPU' or the GPU's name."""
+    return "CPU" if device == "cpu" else torch.cuda.get_device_name(torch.device(device))
 
 
 def resolve_workers(value: str, batch_size: int) -> int:
@@ -298,8 +303,9 @@ def reevaluate(args, out: Path, log, lines) -> int:
     if args.cases:
         items = items[: args.cases]
     _, val_items = every_nth_split(items, args.val_every)
+    args.device = resolve_device(args.device)
     t0 = time.perf_counter()
-    rows = predictor_rows(network, plan, val_items, tta=not args.no_tta, log=log)
+    rows = predictor_rows(network, plan, val_items, tta=not args.no_tta, log=log, device=args.device)
     for stale in (out / "report" / "overlays").glob("*.png"):
         stale.unlink()
     timing = dict(previous["timing"])
@@ -377,8 +383,7 @@ def write_outputs(out, plan, history, rows, final, args, config, timing, log) ->
         "augment": args.augment, "data_dir": str(args.data_dir), "history": history,
         "command": " ".join([sys.executable, *sys.argv]),
         "host": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), torch {torch.__version__}",
-        "device": getattr(args, "device", "cpu") if getattr(args, "device", "cpu") == "cpu"
-        else torch.cuda.get_device_name(torch.device(args.device)),
+        "device": device_name(args.device),
         "report": summary.get("files", []),
     }
     atomic_write_text(out / "results.json", json.dumps(results, indent=2, default=float) + "\n")
