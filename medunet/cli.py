@@ -101,7 +101,7 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
 def _run_segment(args: argparse.Namespace) -> int:
     import warnings
 
-    from medunet.inference import Predictor, summary_table
+    from medunet.inference import Predictor, segment_inputs
 
     if not args.bundle and not args.checkpoint:
         print("medunet segment: error: give --bundle and/or --checkpoint", file=sys.stderr)
@@ -119,16 +119,8 @@ def _run_segment(args: argparse.Namespace) -> int:
         print(f"medunet segment: warning: {w.message}", file=sys.stderr)
     uncertainty = {"auto": True, None: False}.get(args.uncertainty, args.uncertainty)
 
-    def report(result) -> None:
-        if not result.ok:
-            from tqdm.auto import tqdm
-
-            line = result.message if result.status == "skipped" else f"{result.status}: {result.message}"
-            tqdm.write(f"medunet segment: {line}", file=sys.stderr)
-
-    results = predictor.segment(args.input, args.output, overwrite=args.overwrite,
-                                save_probabilities=args.save_probabilities, uncertainty=uncertainty, report=report)
-    print(summary_table(results))
+    results = segment_inputs(predictor, args.input, args.output, overwrite=args.overwrite,
+                             save_probabilities=args.save_probabilities, uncertainty=uncertainty)
     n_failed = sum(r.failed for r in results)  # skipped cases (all outputs exist) are done, not failed
     return batch_exit_code(len(results) - n_failed, n_failed)
 
@@ -290,6 +282,9 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gflops-budget", type=float, default=None, metavar="GFLOP",
                    help="CPU only: compute per training step (default 40)")
     p.add_argument("--gpu", action="store_true", help="plan for a GPU (bigger filters/patches, no compute cap)")
+    p.add_argument("--spacing", type=float, nargs="+", default=None, metavar="MM",
+                   help="target spacing per axis in mm, RAS order (default: the median; nnU-Net's rule for "
+                        "anisotropic data)")
     p.add_argument("--intensity-cases", type=int, default=None, metavar="N",
                    help="sample intensities from at most N cases (default: all)")
     p.set_defaults(func=_run_plan)
@@ -308,7 +303,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         raise refused
     plan = plan_dataset(args.dataset, network=args.network, spatial_dims=args.dims,
                         memory_budget_mb=args.memory_budget, gpu=args.gpu, gflops_budget=args.gflops_budget,
-                        fingerprint=fingerprint)
+                        fingerprint=fingerprint, spacing=args.spacing)
     path = plan.save(args.output)
     print(format_plan(plan))
     print(f"wrote {path}")
@@ -332,6 +327,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a bundle (resumes automatically from its output dir)")
     _add_bundle_run_args(p)
     p.add_argument("--max-epochs", type=int)
+    p.add_argument("--time-budget", type=float, metavar="SECONDS",
+                   help="wall-clock budget of training + validation; the learning rate anneals over it")
     p.set_defaults(func=_run_train, workflow="train")
 
 
@@ -346,7 +343,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from medunet.engines.workflow import parse_overrides, run_bundle_workflow
 
     overrides = parse_overrides(args.set)
-    for key in ("dataset_dir", "output_dir", "ckpt_dir", "device", "max_epochs"):
+    for key in ("dataset_dir", "output_dir", "ckpt_dir", "device", "max_epochs", "time_budget"):
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
     run_bundle_workflow(args.bundle, args.workflow, overrides)

@@ -43,7 +43,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from medunet.data import Plan
 from medunet.data.phantoms import generate_case
-from medunet.inference import PlanGrid, Predictor, nonzero_box_affine
+from medunet.inference import PlanGrid, Predictor
 from medunet.io import ImageData, load_checkpoint, save_checkpoint, write_nifti
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,46 +158,38 @@ def bench_plan(spacing) -> Plan:
     return Plan.from_dict(data)
 
 
-def preprocess_case(case, plan: Plan, predictor: Predictor):
-    """(image (1, *S), label (1, *S) uint8) in plan space, as training sees them."""
-    from medunet.data.cached import CachedCase
-
-    x = torch.from_numpy(np.asarray(case.image, dtype=np.float32))[None]
-    image, grid, box = predictor.preprocess(x, case.affine)
-    label = torch.from_numpy(np.asarray(case.label, dtype=np.float32))[None][(slice(None), *box)]
-    lab, _ = PlanGrid.resample_image(label, nonzero_box_affine(case.affine, box), plan.orientation,
-                                     plan.target_spacing, mode="nearest")
-    return CachedCase(case_id=str(case.info.get("axcodes")), image=image, label=lab.round().to(torch.uint8),
-                      image_path="", label_path="", spacing=grid.plan_spacing)
-
-
 def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, init: dict | None = None) -> Path:
-    """Train the bundle network on CT phantoms with the engines' recipe; save {"model", "plan"}.
+    """Train the bundles/ct network on CT phantoms through the bundle (the one trainer) for ``seconds``
+    of wall time; save ``{"model", "plan", "train_seconds", "iterations"}`` for the benchmark.
 
-    ``init``: a cached checkpoint to start from (``--continue-training``: another warm-up + poly cycle
-    on top of its weights); the saved checkpoint keeps the training seconds and iterations of all cycles.
+    The bundle run lives in ``workdir/bundle_run``. ``init`` (``--continue-training``): the bundle
+    resumes that run with its time budget raised by ``seconds`` (its learning rate follows the longer
+    budget from where the clock stands).
     """
-    from medunet.data.cached import AugmentConfig, PatchSampler
-    from medunet.engines.recipes import DeepSupervisionDiceCE, RecipeConfig, train_recipe
+    from medunet.data.phantoms import generate_dataset
+    from medunet.engines import run_bundle_workflow
 
-    network = plan.build_network()
-    if init is not None:
-        network.load_state_dict(init["model"])
-    predictor = Predictor(network, plan, device="cpu")
-    t = time.perf_counter()
-    cached = [preprocess_case(generate_case("ct", i, seed=0, size=PHANTOM_SHAPE), plan, predictor)
-              for i in range(cases)]
-    log(f"prepared {cases} training phantoms in {time.perf_counter() - t:.1f}s "
-        f"(shapes {[c.spatial_shape for c in cached]})")
-    sampler = PatchSampler(cached, plan.patch_size, batch_size=2, augment=AugmentConfig(), seed=0)
-    config = RecipeConfig(lr=3e-3, time_budget_s=seconds, eval_interval_s=max(seconds / 4, 30), warmup_iterations=20)
-    history = train_recipe(network, sampler, DeepSupervisionDiceCE(), config, log=log)
+    data = workdir / "phantoms"
+    if not (data / "dataset.json").exists():
+        generate_dataset("ct", data, cases=cases + 1, seed=0, size="x".join(str(s) for s in PHANTOM_SHAPE))
+    run = workdir / "bundle_run"
+    overrides = {k: v for k, v in plan.to_dict().items() if k in ("target_spacing", "patch_size", "batch_size")}
+    budget = seconds + (trained_seconds(init) if init is not None else 0.0)
+    log(f"training bundles/ct on {cases} phantoms for {seconds:.0f}s (budget {budget:.0f}s in all)")
+    wf = run_bundle_workflow(REPO / "bundles" / "ct", "train", {
+        "dataset_dir": str(data), "output_dir": str(run / "eval"), "ckpt_dir": str(run / "models"),
+        "plan_overrides": overrides, "time_budget": budget, "n_folds": cases + 1, "resume": init is not None,
+        "mlflow": False, "progress_bar": False,
+    })
+    del wf
+    latest = load_checkpoint(run / "eval" / "checkpoint_latest.pt")
     path = workdir / "model.pt"
-    total = seconds + (trained_seconds(init) if init is not None else 0.0)
-    iterations = history[-1]["iteration"] + int((init or {}).get("iterations", 0))
-    save_checkpoint({"model": network.state_dict(), "plan": plan.to_dict(), "train_seconds": total,
-                     "iterations": iterations}, path)
-    log(f"trained weights {path}: {total:.0f} s of training in all")
+    # "plan": what the weights were trained with (the bundle's network options on top of the bench plan);
+    # "bench_plan": what this script asked for, to tell whether a cached checkpoint still fits
+    save_checkpoint({"model": latest["model"], "plan": latest["plan"] or plan.to_dict(), "bench_plan": plan.to_dict(),
+                     "train_seconds": float(latest.get("budget", {}).get("elapsed_s", budget)),
+                     "iterations": int(latest["trainer"]["iteration"])}, path)
+    log(f"trained weights {path}: {trained_seconds(load_checkpoint(path)):.0f} s of training in all")
     return path
 
 
@@ -237,7 +229,7 @@ def main() -> None:
     plan = bench_plan(case.info["spacing"])
     ckpt = workdir / "model.pt"
     cached = load_checkpoint(ckpt) if ckpt.exists() and not args.retrain else None
-    if cached is not None and cached.get("plan") != plan.to_dict():
+    if cached is not None and cached.get("bench_plan", cached.get("plan")) != plan.to_dict():
         cached = None
     if cached is not None and args.continue_training:
         log(f"continuing the training of {ckpt} ({trained_seconds(cached):.0f} s so far) for {args.train_seconds:.0f}s")

@@ -40,8 +40,11 @@ def tiny_overrides(bundle: str, dataset_dir, out: Path, **extra) -> dict:
         "progress_bar": False,
         "mlflow": False,
         "phantom_cases": 4,
+        "phantom_size": "small",
         "n_folds": 4,
     }
+    if bundle != "cells2d":  # patch-sampling bundles: an epoch is a number of steps, not a pass over the data
+        values["epoch_length"] = 4
     values.update(extra)
     return values
 

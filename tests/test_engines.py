@@ -55,7 +55,9 @@ def test_resume_reproduces_uninterrupted_run(ct_data, tmp_path):
     assert a["best"] == b["best"]
     hist_a, hist_b = read_history(straight / "eval"), read_history(interrupted / "eval")
     assert [r["epoch"] for r in hist_b] == ["1", "2"]
-    assert hist_a == hist_b  # same losses and per-class validation Dice, epoch by epoch
+    for row in hist_a + hist_b:
+        row.pop("elapsed_s")  # the wall clock; everything else must match
+    assert hist_a == hist_b  # same losses, learning rates and per-class validation Dice, epoch by epoch
 
     # contract with inference / MONAI Label: best model is a raw state_dict with the plan beside it
     best = torch.load(interrupted / "models" / "model.pt", weights_only=True)
@@ -284,3 +286,56 @@ def test_undefined_reference_names_the_config_file(tmp_path):
     assert str(err) == f"{config}: reference '@netwrok_def' is not defined in the config; did you mean '@network_def'?"
     assert len(str(err).splitlines()) == 1
     assert explain_config_error(ValueError("something else"), [config]) is None
+
+
+def test_bundle_time_budget_on_phantoms_stops_anneals_and_keeps_the_final_weights(ct_data, tmp_path):
+    run = tmp_path / "run"
+    run_bundle("ct", **tiny_overrides("ct", ct_data, run, max_epochs=1000, epoch_length=3, time_budget=4.0))
+    rows = read_history(run / "eval")
+    assert len(rows) < 1000 and float(rows[-1]["elapsed_s"]) >= 4.0
+    assert float(rows[-1]["lr"]) < 0.2 * 0.003  # the poly schedule followed the clock to (nearly) zero
+    assert rows[-1]["val_mean_dice"] != ""  # the epoch the budget ended was validated
+    latest = _latest(run)
+    assert latest["budget"]["finished"] and latest["budget"]["elapsed_s"] >= 4.0
+    final = torch.load(run / "models" / "model.pt", weights_only=True)  # save_model "last": the final weights
+    assert all(torch.equal(final[k], latest["model"][k]) for k in final)
+    # started again with the same budget: nothing more is trained
+    run_bundle("ct", **tiny_overrides("ct", ct_data, run, max_epochs=1000, epoch_length=3, time_budget=4.0))
+    assert _latest(run)["trainer"] == latest["trainer"]
+
+
+def test_resolve_plan_bundle_defaults_median_patch_and_deep_supervision_depth(tmp_path):
+    from medunet.data import Plan
+
+    plan = Plan(labels={"background": 0, "a": 1}, patch_size=[16, 16, 16], median_shape=[35, 50, 36],
+                network={"name": "dynunet", "kernel_size": [[3, 3, 3]] * 4, "strides": [[1, 1, 1]] + [[2, 2, 2]] * 3,
+                         "filters": [4, 8, 16, 32]})
+    plan.save(tmp_path / "plan.json")
+    defaults = {"network": {"res_block": True, "deep_supervision": True, "deep_supr_num": 5}, "mirror_axes": [0]}
+    out = resolve_plan(tmp_path / "plan.json", defaults=defaults, patch="median")
+    assert out.patch_size == [40, 56, 40]  # the median shape rounded up to a multiple of 8 (3 poolings)
+    assert out.network["res_block"] and out.network["deep_supr_num"] == 2 and out.mirror_axes == [0]
+    # a user's override wins over the bundle's defaults
+    user = resolve_plan(tmp_path / "plan.json", defaults=defaults, patch="median",
+                        overrides={"patch_size": [24, 24, 24], "network": {"res_block": False}})
+    assert user.patch_size == [24, 24, 24] and user.network["res_block"] is False
+    shallow = Plan(labels={"background": 0, "a": 1}, patch_size=[8, 8, 8],
+                   network={"name": "dynunet", "kernel_size": [[3, 3, 3]] * 3,
+                            "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]], "filters": [4, 8, 16]})
+    shallow.save(tmp_path / "shallow.json")
+    fitted = resolve_plan(tmp_path / "shallow.json", defaults=defaults)
+    assert fitted.network["deep_supervision"] is True and fitted.network["deep_supr_num"] == 1
+    assert fitted.build_network().train()(torch.zeros(1, 1, 8, 8, 8)).shape == (1, 2, 2, 8, 8, 8)
+    with pytest.raises(ValueError, match="patch"):
+        resolve_plan(tmp_path / "plan.json", patch="whole")
+
+
+def test_split_datalist_every_nth_holds_out_every_fifth_case(ct_data):
+    from medunet.engines import split_datalist
+
+    split = split_datalist(ct_data, n_folds=2, split="every_nth", check=False)
+    names = [Path(i["image"]).name for i in split["val"]]
+    assert len(split["val"]) == 2 and len(split["train"]) == 2
+    assert names == sorted(names)
+    with pytest.raises(ValueError, match="split"):
+        split_datalist(ct_data, split="random", check=False)

@@ -2,6 +2,7 @@
 dataset checks and the built-in phantom generator."""
 
 from medunet.data.datalist import (
+    every_nth_split,
     find_dataset_items,
     kfold_split,
     load_datalist,
@@ -11,4 +12,4 @@ from medunet.data.datalist import (
 from medunet.data.plan import Plan, normalize_intensity
 
 __all__ = ["Plan", "normalize_intensity"]
-__all__ += ["load_datalist", "read_dataset_json", "pair_folders", "kfold_split", "find_dataset_items"]
+__all__ += ["load_datalist", "read_dataset_json", "pair_folders", "kfold_split", "every_nth_split", "find_dataset_items"]

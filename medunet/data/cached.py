@@ -4,7 +4,7 @@ For datasets whose cases are small crops (MSD Task04 Hippocampus: ~35×50×36 vo
 augmenting through a per-sample MONAI pipeline costs more CPU per iteration than the network itself.
 Here every case is preprocessed ONCE with :func:`medunet.data.transforms.val_transforms` (the exact
 deterministic preprocessing inference uses: read → channel-first → crop nonzero → RAS → spacing →
-plan normalisation) and kept as tensors; :class:`PatchSampler` then draws augmented patches with a
+plan normalisation) and kept as tensors; :class:`PatchDataset` then draws augmented patches with a
 single ``grid_sample`` per sample (crop/pad, rotation, scaling and mirroring in one resampling) plus
 cheap intensity changes.
 """
@@ -19,11 +19,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medunet.data.datalist import every_nth_split
 from medunet.data.plan import Plan
 from medunet.io import InputError, image_id
 
 __all__ = [
-    "CachedCase", "every_nth_split", "cache_cases", "PatchSampler", "AugmentConfig",
+    "CachedCase", "every_nth_split", "cache_cases", "PatchDataset", "SampleStream", "AugmentConfig",
+    "patch_dataset",
 ]
 
 
@@ -49,15 +51,6 @@ class CachedCase:
     @property
     def spatial_shape(self) -> tuple[int, ...]:
         return tuple(int(s) for s in self.image.shape[1:])
-
-
-def every_nth_split(items: Sequence[dict], n: int = 5) -> tuple[list[dict], list[dict]]:
-    """Deterministic hold-out: every ``n``-th item (indices n-1, 2n-1, …) is validation, the rest training."""
-    if n < 2:
-        raise ValueError(f"every_nth_split needs n >= 2, got {n}")
-    val = [it for i, it in enumerate(items) if i % n == n - 1]
-    train = [it for i, it in enumerate(items) if i % n != n - 1]
-    return train, val
 
 
 def cache_cases(
@@ -131,7 +124,7 @@ def _input_error(exc: BaseException, item: dict, find_input_error) -> InputError
 
 @dataclass
 class AugmentConfig:
-    """Probabilities and ranges of :class:`PatchSampler`'s augmentations (nnU-Net-like defaults).
+    """Probabilities and ranges of :class:`PatchDataset`'s augmentations (nnU-Net-like defaults).
 
     ``mirror_axes``: axes flipped with probability 0.5 each. ``rotation``: max angle (radians) about each
     axis, applied with ``p_rotation``. ``scale``: isotropic zoom range, applied with ``p_scale``.
@@ -175,8 +168,13 @@ def _rotation_matrix(angles: Sequence[float]) -> torch.Tensor:
     return m
 
 
-class PatchSampler:
-    """Draw augmented training batches from :class:`CachedCase` s held in memory.
+class PatchDataset(torch.utils.data.Dataset):
+    """Augmented training patches drawn from :class:`CachedCase` s held in memory (a map-style dataset).
+
+    Sample ``k`` is a pure function of ``(seed, k)``: its case, placement, augmentation and noise come
+    from a generator seeded with both, so the same ``k`` gives the same patch in any process, in any
+    DataLoader worker and after a resume. :class:`SampleStream` hands out consecutive ``k`` per training
+    step (and per rank under ``torch.distributed``).
 
     Each sample: a uniformly chosen case; a patch of ``patch_size`` placed uniformly so that it stays
     inside the case when the case is larger and the case stays inside it when smaller (the rest is zero
@@ -191,18 +189,18 @@ class PatchSampler:
     Args:
         cases: the training cases.
         patch_size: ``(P0, P1[, P2])``, should be valid for the network.
-        batch_size: samples per batch.
         augment: :class:`AugmentConfig` (``AugmentConfig.none()`` for plain crops).
-        seed: seeds the sampler's own generator (reproducible batches).
+        seed: mixed into every sample's generator.
         foreground_fraction: probability that a sample is centred on foreground (0 disables).
+        length: what ``len()`` reports (any ``k >= 0`` is valid; a :class:`SampleStream` never stops).
 
-    Call it to get ``(image (B, C, *P) float32, label (B, 1, *P) int64)``.
+    ``dataset[k]`` → ``{"image": (C, *P) float32, "label": (1, *P) int64}``.
     """
 
-    def __init__(self, cases: Sequence[CachedCase], patch_size: Sequence[int], batch_size: int,
-                 augment: AugmentConfig | None = None, seed: int = 0, foreground_fraction: float = 0.33) -> None:
+    def __init__(self, cases: Sequence[CachedCase], patch_size: Sequence[int], augment: AugmentConfig | None = None,
+                 seed: int = 0, foreground_fraction: float = 0.33, length: int = 2**31 - 1) -> None:
         if not cases:
-            raise ValueError("PatchSampler needs at least one case")
+            raise ValueError("PatchDataset needs at least one case")
         if not 0.0 <= foreground_fraction <= 1.0:
             raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
         self.foreground_fraction = float(foreground_fraction)
@@ -212,14 +210,29 @@ class PatchSampler:
         self.dims = len(self.patch)
         if any(c.image.dim() - 1 != self.dims for c in self.cases):
             raise ValueError(f"patch_size {self.patch} does not match the cases' spatial dimensions")
-        self.batch_size = int(batch_size)
         self.augment = augment or AugmentConfig()
-        self.rng = np.random.default_rng(seed)
+        self.seed = int(seed)
+        self.length = int(length)
         axes = [torch.arange(p, dtype=torch.float64) - (p - 1) / 2 for p in self.patch]
         self._offsets = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1)  # (*P, dims) from the centre
 
-    def _matrix(self) -> torch.Tensor:
-        aug, rng = self.augment, self.rng
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if k < 0:
+            raise IndexError(f"sample index {k} < 0")
+        rng = np.random.default_rng([self.seed, int(k)])
+        image, label = self._sample(int(rng.integers(len(self.cases))), rng)
+        return {"image": image.contiguous(), "label": label.round().long()}
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(image (B, C, *P), label (B, 1, *P))`` of the samples ``indices`` (tests, notebooks)."""
+        items = [self[int(k)] for k in indices]
+        return torch.stack([i["image"] for i in items]), torch.stack([i["label"] for i in items])
+
+    def _matrix(self, rng: np.random.Generator) -> torch.Tensor:
+        aug = self.augment
         m = torch.eye(self.dims, dtype=torch.float64)
         if rng.random() < aug.p_rotation:
             n_angles = 1 if self.dims == 2 else 3
@@ -244,20 +257,20 @@ class PatchSampler:
             self._foreground[index] = found
         return self._foreground[index]
 
-    def _sample(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _sample(self, index: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         case = self.cases[index]
         shape = case.spatial_shape
         lo = [min(0, s - p) for s, p in zip(shape, self.patch)]
         hi = [max(0, s - p) for s, p in zip(shape, self.patch)]
         classes = (self._foreground_voxels(index)
-                   if self.foreground_fraction > 0 and self.rng.random() < self.foreground_fraction else [])
+                   if self.foreground_fraction > 0 and rng.random() < self.foreground_fraction else [])
         if classes:
-            voxels = classes[int(self.rng.integers(len(classes)))]
-            centre = voxels[int(self.rng.integers(len(voxels)))].tolist()
+            voxels = classes[int(rng.integers(len(classes)))]
+            centre = voxels[int(rng.integers(len(voxels)))].tolist()
             start = [float(min(max(c - p // 2, a), b)) for c, p, a, b in zip(centre, self.patch, lo, hi)]
         else:
-            start = [float(self.rng.integers(a, b + 1)) for a, b in zip(lo, hi)]
-        matrix = self._matrix()
+            start = [float(rng.integers(a, b + 1)) for a, b in zip(lo, hi)]
+        matrix = self._matrix(rng)
         if torch.equal(matrix, torch.eye(self.dims, dtype=torch.float64)):
             image, label = _integer_crop(case.image, start, self.patch), _integer_crop(case.label, start, self.patch)
         else:
@@ -269,13 +282,13 @@ class PatchSampler:
                                   align_corners=True)[0]
             label = F.grid_sample(case.label.unsqueeze(0).float(), grid, mode="nearest", padding_mode="zeros",
                                   align_corners=True)[0]
-        flips = [a + 1 for a in self.augment.mirror_axes if a < self.dims and self.rng.random() < 0.5]
+        flips = [a + 1 for a in self.augment.mirror_axes if a < self.dims and rng.random() < 0.5]
         if flips:
             image, label = image.flip(flips), label.flip(flips)
-        return self._intensity(image), label
+        return self._intensity(image, rng), label.float()
 
-    def _intensity(self, x: torch.Tensor) -> torch.Tensor:
-        aug, rng = self.augment, self.rng
+    def _intensity(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+        aug = self.augment
         if rng.random() < aug.p_noise:
             x = x + torch.randn(x.shape, generator=torch.Generator().manual_seed(int(rng.integers(2**31)))) * \
                 float(rng.uniform(0, aug.noise_std))
@@ -293,10 +306,44 @@ class PatchSampler:
             x = (x - x.mean()) / x.std().clamp_min(1e-7) * std + mean  # keep the patch's statistics
         return x
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        picks = self.rng.integers(0, len(self.cases), self.batch_size)
-        images, labels = zip(*(self._sample(int(i)) for i in picks))
-        return torch.stack(images).contiguous(), torch.stack(labels).round().long()
+
+class SampleStream(torch.utils.data.Sampler):
+    """Endless sample indices for a :class:`PatchDataset`, ``batch_size`` per training step.
+
+    Step ``i`` of rank ``r`` (of ``W``) gets the samples ``(i·W + r)·B … (i·W + r)·B + B − 1``, so every
+    rank draws different patches and the patches of a step do not depend on how the run got there. Set
+    :attr:`start_step` (the trainer's iteration count, e.g. after a resume) before iterating; a
+    :class:`~medunet.engines.training.TrainingBudget` does that at every epoch start.
+
+    Args:
+        batch_size: samples per step on this rank (the DataLoader's ``batch_size``).
+        rank, world_size: ``None``: from ``torch.distributed`` when a process group is up, else 0 and 1.
+    """
+
+    def __init__(self, batch_size: int, rank: int | None = None, world_size: int | None = None) -> None:
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
+        self.rank, self.world_size = rank, world_size
+        self.start_step = 0
+
+    def __len__(self) -> int:
+        return 2**31 - 1
+
+    def _world(self) -> tuple[int, int]:
+        dist = torch.distributed
+        up = dist.is_available() and dist.is_initialized()
+        rank = self.rank if self.rank is not None else (dist.get_rank() if up else 0)
+        size = self.world_size if self.world_size is not None else (dist.get_world_size() if up else 1)
+        return int(rank), int(size)
+
+    def __iter__(self):
+        step = int(self.start_step)
+        rank, size = self._world()  # read when iterating: the process group is up by then
+        while True:
+            first = (step * size + rank) * self.batch_size
+            yield from range(first, first + self.batch_size)
+            step += 1
 
 
 def _integer_crop(x: torch.Tensor, start: Sequence[float], patch: Sequence[int]) -> torch.Tensor:
@@ -310,3 +357,33 @@ def _integer_crop(x: torch.Tensor, start: Sequence[float], patch: Sequence[int])
         dst.append(slice(a - s, b - s))
     out[tuple(dst)] = x[tuple(src)]
     return out
+
+
+def patch_dataset(data: Sequence[dict], plan: Plan, seed: int = 0, augment: str | AugmentConfig = "full",
+                  foreground_fraction: float = 0.33) -> PatchDataset:
+    """What a bundle trains on: the cases ``data`` (``{"image", "label"}`` dicts; the name MONAI Label
+    sets as ``train#dataset#data``) preprocessed once (:func:`cache_cases`), then augmented patches of
+    ``plan.patch_size``.
+
+    ``augment``: ``"full"`` (nnU-Net-like spatial + intensity augmentation), ``"none"`` (plain crops) or an
+    :class:`AugmentConfig`. Mirroring uses ``plan.mirror_axes`` (all axes when ``None``), the axes
+    test-time augmentation mirrors. A case that cannot be preprocessed is skipped with one warning line
+    naming the file; ``ValueError`` when none is left.
+    """
+    import logging
+    from dataclasses import replace
+
+    if isinstance(augment, str):
+        if augment not in ("full", "none"):
+            raise ValueError(f"augment must be 'full', 'none' or an AugmentConfig, got {augment!r}")
+        augment = AugmentConfig() if augment == "full" else AugmentConfig.none()
+    if augment.mirror_axes:
+        axes = plan.mirror_axes if plan.mirror_axes is not None else range(plan.spatial_dims)
+        augment = replace(augment, mirror_axes=tuple(int(a) for a in axes))
+    log = logging.getLogger("medunet.data")
+    cases = cache_cases(data, plan, on_error=lambda e: log.warning("skipping training case: %s", e))
+    if not cases:
+        raise ValueError(f"none of the {len(data)} training case(s) could be preprocessed (see the lines above)")
+    patch = [int(p) for p in plan.patch_size]
+    return PatchDataset(cases, patch, augment=augment, seed=seed, foreground_fraction=foreground_fraction)
+

@@ -27,7 +27,7 @@ from pathlib import Path
 from medunet.io import IMAGE2D_SUFFIXES, NIFTI_SUFFIXES, InputError, image_id
 
 __all__ = [
-    "read_dataset_json", "load_datalist", "pair_folders", "kfold_split", "find_dataset_items",
+    "read_dataset_json", "load_datalist", "pair_folders", "kfold_split", "every_nth_split", "find_dataset_items",
     "dataset_labels", "dataset_modalities", "list_image_files", "case_id", "scan_folders", "FolderScan",
     "CHANNEL_SUFFIX",
 ]
@@ -278,6 +278,20 @@ def kfold_split(items: Sequence[dict], n_folds: int = 5, fold: int = 0, seed: in
     val_idx = set(index_parts[int(fold)])
     train = [ordered[i] for i in range(n) if i not in val_idx]
     val = [ordered[i] for i in sorted(val_idx)]
+    return train, val
+
+
+def every_nth_split(items: Sequence[dict], n: int = 5, fold: int = 0) -> tuple[list[dict], list[dict]]:
+    """Deterministic interleaved hold-out in listing order: for ``fold`` 0 the items n-1, 2n-1, … are
+    validation and the rest training; fold ``f`` shifts the held-out positions by ``f`` (the n folds
+    partition the items)."""
+    if n < 2:
+        raise ValueError(f"every_nth_split needs n >= 2, got {n}")
+    if not 0 <= int(fold) < n:
+        raise ValueError(f"every_nth_split: fold must be in 0…{n - 1}, got {fold}")
+    held = (n - 1 + int(fold)) % n
+    val = [it for i, it in enumerate(items) if i % n == held]
+    train = [it for i, it in enumerate(items) if i % n != held]
     return train, val
 
 

@@ -416,6 +416,7 @@ def plan_dataset(
     fingerprint: dict | None = None,
     min_batch_size: int = 2,
     max_batch_size: int = 16,
+    spacing: Sequence[float] | None = None,
 ) -> Plan:
     """nnU-Net-like configuration from a dataset fingerprint.
 
@@ -429,6 +430,10 @@ def plan_dataset(
             (``gflops_budget``, default 40 GFLOP per step) keeps a training step to seconds.
         fingerprint: reuse a :func:`fingerprint_dataset` result (else it is computed).
         min_batch_size, max_batch_size: batch-size bounds.
+        spacing: the target spacing (mm, RAS frame) instead of nnU-Net's rule (median, or the 10th
+            percentile along a strongly anisotropic axis) — as nnU-Net's ``overwrite_target_spacing``: a
+            coarser grid lets a CPU-sized patch see a whole abdomen. The median shape, patch and layout
+            follow from it.
 
     Returns:
         a :class:`Plan` (all spacings/shapes in the RAS-reoriented frame).
@@ -448,6 +453,10 @@ def plan_dataset(
     if spatial_dims == 3 and data_dims == 2:
         raise ValueError("a 3D plan needs 3D images; these are 2D (use --dims 2)")
     full_target = target_spacing(spacings)
+    if spacing is not None:
+        if len(spacing) != data_dims or any(not (float(v) > 0) for v in spacing):
+            raise ValueError(f"spacing {list(spacing)} must be {data_dims} positive numbers (mm)")
+        full_target = [float(v) for v in spacing]
     resampled = shapes * spacings / np.asarray(full_target)
     median_full = [int(round(s)) for s in np.median(resampled, axis=0)]
     if spatial_dims == 2:

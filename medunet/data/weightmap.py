@@ -1,4 +1,5 @@
-"""The seed U-Net's border weight map and the weighted cross-entropy loss that uses it.
+"""The seed U-Net's border weight map (the weighted cross-entropy that uses it lives in
+:mod:`medunet.engines.losses`).
 
 Ronneberger et al. (2015): ``w(x) = w_c(x) + w0 · exp(−(d1(x) + d2(x))² / (2σ²))`` where ``w_c`` balances
 class frequencies and ``d1``/``d2`` are the distances to the nearest and second-nearest object. The
@@ -11,14 +12,12 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-__all__ = ["border_weight_map", "class_weight_map", "BorderWeightMapd", "WeightedCrossEntropyLoss"]
+__all__ = ["border_weight_map", "class_weight_map", "BorderWeightMapd"]
 
 
 def class_weight_map(label: np.ndarray, class_weights: str | Mapping[int, float] | None = "balanced") -> np.ndarray:
@@ -188,51 +187,3 @@ class BorderWeightMapd(MapTransform):
                 w = MetaTensor(w, meta=label.meta, applied_operations=list(label.applied_operations))
             d[self.output_key] = w
         return d
-
-
-def _center_crop_to(x: torch.Tensor, spatial: Sequence[int]) -> torch.Tensor:
-    slices = [slice(None), slice(None)]
-    for have, want in zip(x.shape[2:], spatial):
-        if have < want:
-            raise ValueError(f"target spatial size {tuple(x.shape[2:])} is smaller than the logits' {tuple(spatial)}")
-        start = (have - want) // 2
-        slices.append(slice(start, start + want))
-    return x[tuple(slices)]
-
-
-class WeightedCrossEntropyLoss(nn.Module):
-    """Pixel-wise softmax cross-entropy weighted by a per-voxel map (the seed's training loss).
-
-    ``forward(logits (B, C, *S), target (B, 1, *S') or (B, *S'), weight (B, 1, *S') or None)``. When
-    ``S'`` is larger than ``S`` (valid-convolution networks such as ``unet2015(padding="valid")``) the
-    target and weight are centre-cropped to the logits' size.
-
-    Args:
-        reduction: ``"mean"`` (Σ w·CE / number of voxels — the paper's energy, normalised), ``"sum"``,
-            ``"weighted_mean"`` (Σ w·CE / Σ w) or ``"none"`` (``(B, *S)``).
-    """
-
-    def __init__(self, reduction: str = "mean") -> None:
-        super().__init__()
-        if reduction not in ("mean", "sum", "weighted_mean", "none"):
-            raise ValueError(f"reduction must be mean|sum|weighted_mean|none, got {reduction!r}")
-        self.reduction = reduction
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        spatial = tuple(logits.shape[2:])
-        if target.dim() == logits.dim() - 1:
-            target = target.unsqueeze(1)
-        target = _center_crop_to(target, spatial)[:, 0].long()
-        ce = F.cross_entropy(logits, target, reduction="none")  # (B, *S)
-        if weight is not None:
-            if weight.dim() == logits.dim() - 1:
-                weight = weight.unsqueeze(1)
-            weight = _center_crop_to(weight, spatial)[:, 0].to(ce.dtype)
-            ce = ce * weight
-        if self.reduction == "none":
-            return ce
-        if self.reduction == "sum":
-            return ce.sum()
-        if self.reduction == "weighted_mean" and weight is not None:
-            return ce.sum() / weight.sum().clamp_min(1e-8)
-        return ce.mean()

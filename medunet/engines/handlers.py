@@ -50,12 +50,15 @@ def _plan_dict(plan) -> dict | None:
 class CheckpointManager:
     """Best model, latest training state, automatic resume and early stopping.
 
-    * best: whenever the validator's ``key_metric`` improves, ``ckpt_dir/model.pt`` is written as a raw
-      ``state_dict`` (MONAI bundle / MONAI Label convention) with ``ckpt_dir/plan.json`` beside it;
+    * model: ``ckpt_dir/model.pt`` is written as a raw ``state_dict`` (MONAI bundle / MONAI Label
+      convention) with ``ckpt_dir/plan.json`` beside it — with ``save_model="best"`` whenever the
+      validator's ``key_metric`` improves, with ``"last"`` after every validation, so that it ends as the
+      final weights (nnU-Net's ``checkpoint_final``: no model selection on the validation split);
     * latest: after every epoch, ``output_dir/checkpoint_latest.pt`` holds
       ``{"model", "optimizer", "scheduler", "scaler", "trainer", "best", "plan"}`` — tensors and plain
       Python values only, so ``torch.load(weights_only=True)`` reads it;
-    * resume: at ``STARTED``, if that file exists (and ``resume``), every state is restored and training
+    * resume: at ``STARTED``, if that file exists (and ``resume``), every state is restored (with the
+      :class:`~medunet.engines.training.TrainingBudget` clock when ``budget`` is given) and training
       continues at the next epoch; ``max_epochs`` keeps the value of the new run, so a finished run can
       be extended by restarting it with a larger ``max_epochs``;
     * early stopping: with ``patience > 0``, training stops after ``patience`` validations without an
@@ -79,7 +82,11 @@ class CheckpointManager:
         key_metric: str = "val_mean_dice",
         resume: bool = True,
         patience: int = 0,
+        budget=None,
+        save_model: str = "best",
     ):
+        if save_model not in ("best", "last"):
+            raise ValueError(f"save_model must be 'best' or 'last', got {save_model!r}")
         self.ckpt_dir = Path(ckpt_dir)
         self.output_dir = Path(output_dir)
         self.network = network
@@ -90,6 +97,8 @@ class CheckpointManager:
         self.key_metric = key_metric
         self.resume = bool(resume)
         self.patience = int(patience or 0)
+        self.budget = budget
+        self.save_model = save_model
         self.best = {"metric": -math.inf, "epoch": 0, "stale": 0}
         self.resumed_from: int | None = None
 
@@ -126,6 +135,8 @@ class CheckpointManager:
         scaler = getattr(engine, "scaler", None)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if self.budget is not None:
+            self.budget.load_state_dict(state.get("budget", {}))
         trainer_state = state.get("trainer", {})
         engine.state.epoch = int(trainer_state.get("epoch", 0))
         engine.state.iteration = int(trainer_state.get("iteration", 0))
@@ -170,13 +181,19 @@ class CheckpointManager:
         """Update the best-model bookkeeping (and ``model.pt``) from this epoch's validation, if any."""
         value = self._validated_this_epoch(engine)
         if value is not None:
-            if value > self.best["metric"] or self.best["epoch"] == 0:
+            improved = value > self.best["metric"] or self.best["epoch"] == 0
+            if improved:
                 self.best.update(metric=value, epoch=engine.state.epoch, stale=0)
-                self.save_best()
-                logger.info("epoch %d: new best %s=%.4f -> %s", engine.state.epoch, self.key_metric, value,
-                            self.best_path)
             else:
                 self.best["stale"] += 1
+            if improved or self.save_model == "last":
+                self.save_best()
+            if improved:
+                logger.info("epoch %d: new best %s=%.4f%s", engine.state.epoch, self.key_metric, value,
+                            f" -> {self.best_path}" if self.save_model == "best" else "")
+            if self.save_model == "last":
+                logger.info("epoch %d: %s=%.4f, weights -> %s", engine.state.epoch, self.key_metric, value,
+                            self.best_path)
 
     def save_best(self) -> None:
         if not is_rank0():
@@ -200,6 +217,7 @@ class CheckpointManager:
                         "max_epochs": int(engine.state.max_epochs or 0),
                         "epoch_length": int(engine.state.epoch_length or 0)},
             "best": {k: float(v) if k == "metric" else int(v) for k, v in self.best.items()},
+            "budget": self.budget.state_dict() if self.budget is not None else {},
             "plan": self.plan or {},
         }
         save_checkpoint(state, self.latest_path)
@@ -234,8 +252,9 @@ class EpochSeeder:
 class HistoryLogger:
     """Per-epoch history in ``output_dir/history.csv`` and a training-curve PNG beside it.
 
-    Columns: ``epoch``, ``train_loss`` (mean over the epoch's iterations), ``lr`` and every scalar metric
-    of the validator at that epoch (blank on epochs without validation). On resume, rows after the
+    Columns: ``epoch``, ``iteration``, ``train_loss`` (mean over the epoch's iterations), ``elapsed_s``
+    (training + validation wall seconds, with a :class:`~medunet.engines.training.TrainingBudget`), ``lr``
+    and every scalar metric of the validator at that epoch (blank on epochs without validation). On resume, rows after the
     restored epoch are dropped, so the file always describes one consistent run.
     """
 
@@ -274,8 +293,11 @@ class HistoryLogger:
             self._losses.append(loss)
 
     def _epoch(self, engine: Engine) -> None:
-        row: dict = {"epoch": engine.state.epoch,
+        row: dict = {"epoch": engine.state.epoch, "iteration": engine.state.iteration,
                      "train_loss": sum(self._losses) / len(self._losses) if self._losses else ""}
+        elapsed = getattr(engine.state, "train_elapsed_s", None)
+        if elapsed is not None:  # the TrainingBudget clock: training + validation wall seconds
+            row["elapsed_s"] = round(float(elapsed), 2)
         if self.optimizer is not None:
             row["lr"] = self.optimizer.param_groups[0]["lr"]
         v = self.validator
@@ -312,19 +334,26 @@ def _output_loss(output) -> float | None:
 
 
 def plot_history(rows: list[dict]) -> bytes:
-    """PNG bytes: training loss per epoch (left axis) and validation metrics per epoch (right axis)."""
+    """PNG bytes: training loss (left axis) and validation metrics (right axis) per epoch, drawn against
+    training wall time when every row has ``elapsed_s``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
+    # against wall time when the rows have it (a budgeted run), else against epochs
+    timed = bool(rows) and all(r.get("elapsed_s") not in (None, "") for r in rows)
+
+    def x_of(r) -> float:
+        return float(r["elapsed_s"]) / 60 if timed else int(r["epoch"])
+
     def series(key):
-        pts = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+        pts = [(x_of(r), float(r[key])) for r in rows if r.get(key) not in (None, "")]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot(*series("train_loss"), "-o", color="tab:blue", label="train loss", markersize=3)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("training wall time (min)" if timed else "epoch")
     ax.set_ylabel("train loss")
     ax2 = ax.twinx()
     metric_keys = sorted({k for r in rows for k in r if k.startswith("val_")})

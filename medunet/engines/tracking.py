@@ -181,8 +181,8 @@ class MLflowTracker:
             self._client().log_batch(self.run_id, metrics=items)
 
     def _iteration(self, engine: Engine) -> None:
-        if engine.state.iteration % self.log_every:
-            return
+        if engine.state.iteration % self.log_every and engine.state.iteration != 1:
+            return  # every log_every-th step, and the first (so that a short run has a loss point too)
         loss = _output_loss(engine.state.output)
         if loss is not None:
             self.log_metrics({"train_loss": loss}, step=engine.state.iteration)
@@ -192,6 +192,8 @@ class MLflowTracker:
         optimizer = getattr(engine, "optimizer", None)
         if optimizer is not None:
             extra["lr"] = optimizer.param_groups[0]["lr"]
+        if getattr(engine.state, "train_elapsed_s", None) is not None:  # the TrainingBudget clock
+            extra["train_elapsed_s"] = engine.state.train_elapsed_s
         self.log_metrics({**engine.state.metrics, **extra}, step=engine.state.epoch)
 
     def _validated(self, validator: Engine) -> None:

@@ -79,13 +79,21 @@ def _barrier() -> None:
 
 def resolve_plan(plan_file: str | os.PathLike, dataset_dir: str | os.PathLike | None = None,
                  output_dir: str | os.PathLike | None = None, replan: bool = False,
-                 overrides: dict | None = None) -> Plan:
+                 overrides: dict | None = None, defaults: dict | None = None, patch: str = "plan") -> Plan:
     """The plan a run uses, written to ``output_dir/plan.json``.
 
     ``replan`` (or a missing ``plan_file``) plans from ``dataset_dir`` with
-    :func:`medunet.data.planning.plan_dataset`; otherwise ``plan_file`` is read. ``overrides`` replace
-    top-level plan fields (e.g. ``{"patch_size": [32, 32, 32]}``); a ``network`` override is merged
-    into the plan's network options.
+    :func:`medunet.data.planning.plan_dataset`; otherwise ``plan_file`` is read. Then, in this order:
+
+    * ``defaults``: the bundle's own choices on top of the planner's (e.g. ``{"network": {"res_block":
+      true, "deep_supervision": true}, "mirror_axes": [0]}``); deep supervision is fitted to the
+      network's depth (``deep_supr_num`` at most levels − 2; off for networks too shallow for it);
+    * ``patch``: ``"plan"`` keeps the planned patch; ``"median"`` trains on the median image shape,
+      rounded up to a size the network accepts (small-crop datasets such as MSD Hippocampus, where
+      the whole crop fits in one patch and the CPU planner's smaller patch loses context);
+    * ``overrides``: the user's, replacing top-level plan fields (e.g. ``{"patch_size": [32, 32, 32]}``).
+
+    A ``network`` entry of ``defaults``/``overrides`` is merged into the plan's network options.
     """
     plan_path = Path(plan_file) if plan_file else None
     if replan or plan_path is None or not plan_path.exists():
@@ -98,36 +106,72 @@ def resolve_plan(plan_file: str | os.PathLike, dataset_dir: str | os.PathLike | 
         plan = plan_dataset(dataset_dir)
     else:
         plan = Plan.load(plan_path)
+    if defaults:
+        plan = _apply_plan_fields(plan, defaults)
+    if patch not in ("plan", "median"):
+        raise ValueError(f"patch must be 'plan' or 'median', got {patch!r}")
+    if patch == "median" and plan.median_shape:
+        net = _fit_deep_supervision(plan).build_network()
+        median = [int(v) for v in plan.median_shape]
+        fitted = net.valid_input_shape(median, mode="up") if hasattr(net, "valid_input_shape") else median
+        plan.patch_size = [int(v) for v in fitted]
     if overrides:
-        data = plan.to_dict()
-        for key, value in dict(overrides).items():
-            if key == "network" and isinstance(value, dict) and value.get("name", data["network"]["name"]) == \
-                    data["network"]["name"]:
-                data["network"] = {**data["network"], **value}
-            else:
-                data[key] = value
-        plan = Plan.from_dict(data)
+        plan = _apply_plan_fields(plan, overrides)
+    plan = _fit_deep_supervision(plan)
     if output_dir is not None and is_rank0():
         plan.save(Path(output_dir) / "plan.json")
     return plan
 
 
+def _apply_plan_fields(plan: Plan, fields: dict) -> Plan:
+    data = plan.to_dict()
+    for key, value in dict(fields).items():
+        if key == "network" and isinstance(value, dict) and value.get("name", data["network"]["name"]) == \
+                data["network"]["name"]:
+            data["network"] = {**data["network"], **value}
+        else:
+            data[key] = value
+    return Plan.from_dict(data)
+
+
+def _fit_deep_supervision(plan: Plan) -> Plan:
+    """DynUNet needs ``deep_supr_num`` < its number of upsampling levels: lower it, or switch deep
+    supervision off, when the planned network is too shallow for the requested heads."""
+    net = dict(plan.network)
+    if net.get("name") != "dynunet" or not net.get("deep_supervision"):
+        return plan
+    levels = len(net.get("strides") or [])
+    allowed = max(levels - 2, 0)
+    if allowed < 1:
+        net["deep_supervision"] = False
+        net.pop("deep_supr_num", None)
+    else:
+        net["deep_supr_num"] = min(int(net.get("deep_supr_num", 1)), allowed)
+    plan.network = net
+    return plan
+
+
 def trained_plan_file(ckpt_dir: str | os.PathLike, default: str | os.PathLike) -> str:
-    """``ckpt_dir/plan.json`` (the plan the shipped ``model.pt`` was trained with) if present, else ``default``."""
-    trained = Path(ckpt_dir) / "plan.json"
-    return str(trained if trained.exists() else default)
+    """The plan file of the weights in ``ckpt_dir`` (:func:`medunet.inference.trained_plan_path`:
+    ``ckpt_dir/plan.json``), else ``default``."""
+    from medunet.inference.bundle import trained_plan_path
+
+    trained = trained_plan_path(Path(ckpt_dir) / "model.pt")
+    return str(trained if trained is not None else default)
 
 
 def split_datalist(dataset_dir: str | os.PathLike, n_folds: int = 5, fold: int = 0, seed: int = 0,
-                   check: bool = True) -> dict:
-    """``{"train": [...], "val": [...]}`` of ``{"image", "label"}`` dicts: fold ``fold`` of a seeded k-fold
-    split of the dataset's training cases (MSD layout or a datalist JSON).
+                   check: bool = True, split: str = "kfold") -> dict:
+    """``{"train": [...], "val": [...]}`` of ``{"image", "label"}`` dicts: fold ``fold`` of a split of the
+    dataset's training cases (MSD layout or a datalist JSON) — ``split="kfold"``: a seeded k-fold split
+    (:func:`medunet.data.datalist.kfold_split`); ``"every_nth"``: every ``n_folds``-th case in listing
+    order is held out (:func:`medunet.data.datalist.every_nth_split`; no seed).
 
     With ``check`` (the default) bad cases are dropped first, one warning line per problem
     (:func:`screen_datalist`), so the folds are made from the usable cases; ``check=False`` skips the
     pre-flight read of every file (large datasets already verified with ``medunet check-dataset``).
     """
-    from medunet.data.datalist import kfold_split, load_datalist
+    from medunet.data.datalist import every_nth_split, kfold_split, load_datalist
 
     items = load_datalist(dataset_dir)
     if check:
@@ -135,7 +179,12 @@ def split_datalist(dataset_dir: str | os.PathLike, n_folds: int = 5, fold: int =
     if len(items) < 2:
         raise ValueError(f"{dataset_dir}: need at least 2 labelled cases to hold one out for validation")
     n_folds = max(2, min(int(n_folds), len(items)))
-    train, val = kfold_split(items, n_folds, int(fold), seed=int(seed))
+    if split == "every_nth":
+        train, val = every_nth_split(items, n_folds, int(fold))
+    elif split == "kfold":
+        train, val = kfold_split(items, n_folds, int(fold), seed=int(seed))
+    else:
+        raise ValueError(f"split must be 'kfold' or 'every_nth', got {split!r}")
     return {"train": list(train), "val": list(val)}
 
 
@@ -204,13 +253,11 @@ def screen_datalist(items: list[dict], dataset_dir: str | os.PathLike) -> list[d
 
 
 def list_images(input_dir: str | os.PathLike) -> list[dict]:
-    """``[{"image": path}, ...]`` for every image (NIfTI, PNG/TIFF) directly in ``input_dir``, sorted."""
-    from medunet.io import is_2d_image, is_nifti
+    """``[{"image": path}, ...]`` for what ``medunet segment`` would read from ``input_dir``
+    (:func:`medunet.inference.collect_inputs`: its NIfTI/PNG/TIFF files, else DICOM series folders)."""
+    from medunet.inference.predictor import collect_inputs
 
-    folder = Path(input_dir)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: input folder not found")
-    return [{"image": str(p)} for p in sorted(folder.iterdir()) if p.is_file() and (is_nifti(p) or is_2d_image(p))]
+    return [{"image": str(p)} for p in collect_inputs(input_dir)]
 
 
 def prepare_batch_with_weights(batchdata: dict, device=None, non_blocking: bool = False, **kwargs):

@@ -4,9 +4,9 @@ mirroring TTA and uncertainty, and the result mapped back onto the input's exact
 Pipeline for one image (``Predictor.predict_image``):
 
 1. channels first ``(C, *S)``;
-2. reorient to ``plan.orientation`` and resample to ``plan.target_spacing`` (one linear resampling on
-   the compute device, the grid of MONAI's ``Orientation`` + ``Spacing``);
-3. ``medunet.data.normalize_intensity(x, plan.normalization)``;
+2. :func:`medunet.data.preprocess.preprocess_tensor` (training's preprocessing, on the compute device):
+   crop to the nonzero region, reorient to ``plan.orientation``, resample to ``plan.target_spacing``
+   (MONAI's ``Orientation`` + ``Spacing``), ``normalize_intensity(x, plan.normalization)``;
 4. tiled inference (:class:`~medunet.inference.sliding.TiledInferer`), softmax, optional TTA;
 5. probabilities resampled linearly back to the input grid, then argmax → uint8 label;
 6. optional largest-connected-component cleaning per class.
@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medunet.data.grid import PlanGrid
 from medunet.data.plan import Plan, normalize_intensity
-from medunet.inference.geometry import PlanGrid
+from medunet.data.preprocess import channels_first, nonzero_box, nonzero_box_affine, preprocess_tensor
+from medunet.inference.bundle import resolve_plan
 from medunet.inference.postprocess import keep_largest_component
 from medunet.inference.sliding import build_inferer
 from medunet.inference.tta import UNCERTAINTY_KINDS, entropy_map, predict_probabilities
@@ -36,7 +38,6 @@ from medunet.io import (
     image_id,
     is_2d_image,
     is_nifti,
-    load_checkpoint,
     load_weights,
     read_image,
     write_like,
@@ -188,9 +189,10 @@ class Predictor:
                     device: str | torch.device = "auto", **kwargs) -> Predictor:
         """Network, plan and weights from a bundle folder and/or a checkpoint.
 
-        The checkpoint defaults to ``<bundle>/models/model.pt``. The plan comes from the checkpoint's
-        ``"plan"`` entry, else ``plan.json`` beside the checkpoint, else ``<bundle>/plan.json``.
-        Without any checkpoint a warning says the network is untrained.
+        The checkpoint defaults to ``<bundle>/models/model.pt``. The plan is
+        :func:`medunet.inference.bundle.resolve_plan`'s: the checkpoint's ``"plan"`` entry, else
+        ``plan.json`` beside the checkpoint, else the bundle's. Without any checkpoint a warning says
+        the network is untrained.
         """
         bundle = Path(bundle_dir) if bundle_dir is not None else None
         if bundle is not None and not bundle.is_dir():
@@ -200,6 +202,8 @@ class Predictor:
             ckpt = bundle / "models" / "model.pt"
         if ckpt is None and bundle is None:
             raise ValueError("give a bundle folder or a checkpoint")
+        if ckpt is not None and not ckpt.exists():
+            raise InputError(ckpt, "checkpoint not found")
         plan = resolve_plan(bundle, ckpt)
         network = plan.build_network()
         if ckpt is not None:
@@ -234,32 +238,13 @@ class Predictor:
         )
 
     def _to_channels_first(self, image: ImageData) -> torch.Tensor:
-        """``(C, *S)`` float32 tensor of an image (a trailing channel axis moved first)."""
-        arr = np.asarray(image.array, dtype=np.float32)
-        spatial = image.spatial_dims
-        if arr.ndim == spatial:
-            arr = arr[None]
-        elif arr.ndim == spatial + 1:
-            arr = np.moveaxis(arr, -1, 0)
-        else:
-            raise InputError(image.path, f"unexpected array shape {arr.shape}")
-        if arr.shape[0] != self.plan.in_channels:
-            raise InputError(image.path, f"has {arr.shape[0]} channel(s) but the model expects {self.plan.in_channels}")
-        if spatial == 2 and self.plan.spatial_dims == 3:
+        """``(C, *S)`` float32 tensor of an image, checked against the model's channels and dimensions."""
+        x = channels_first(image)
+        if x.shape[0] != self.plan.in_channels:
+            raise InputError(image.path, f"has {x.shape[0]} channel(s) but the model expects {self.plan.in_channels}")
+        if image.spatial_dims == 2 and self.plan.spatial_dims == 3:
             raise InputError(image.path, f"is a 2D image {image.spatial_shape} but the model is 3D")
-        if min(arr.shape[1:]) < 1:
-            raise InputError(image.path, f"empty image {image.spatial_shape}")
-        return torch.from_numpy(np.ascontiguousarray(arr))
-
-    def _target_spacing(self, spatial_dims: int) -> list[float] | None:
-        """The plan's spacing for an image; a 2D plan keeps a volume's slice spacing (as training does)."""
-        spacing = self.plan.target_spacing
-        if spacing is None:
-            return None
-        spacing = [float(s) for s in spacing]
-        if self.plan.spatial_dims == 2 and spatial_dims == 3:
-            spacing = spacing[:2] + [0.0]
-        return spacing[:spatial_dims]
+        return x
 
     def _predict_array(self, x: torch.Tensor, affine: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(C, *S)`` → probabilities ``(K, *S)`` and uncertainty ``(*S)``/None, in the input grid.
@@ -308,20 +293,13 @@ class Predictor:
 
     def preprocess(self, x: torch.Tensor, affine: np.ndarray,
                    normalize: bool = True) -> tuple[torch.Tensor, PlanGrid, tuple[slice, ...]]:
-        """Training's deterministic preprocessing of ``x`` (C, *S) with its 4×4 ``affine``.
+        """:func:`medunet.data.preprocess.preprocess_tensor` of ``x`` (C, *S) with its 4×4 ``affine``.
 
         Returns ``(image in plan space (C, *plan_shape), its PlanGrid, the nonzero crop box in x)``;
         the image equals what ``medunet.data.transforms.val_transforms(plan)`` yields for the same file
         (``normalize=False``: before intensity normalisation, e.g. in HU).
         """
-        d = x.dim() - 1
-        box = nonzero_box(x)
-        xc = x[(slice(None), *box)]
-        xp, grid = PlanGrid.resample_image(xc, nonzero_box_affine(affine, box), self.plan.orientation,
-                                           self._target_spacing(d))
-        if normalize:
-            xp = normalize_intensity(xp, self.plan.normalization)
-        return xp, grid, box
+        return preprocess_tensor(x, affine, self.plan, normalize=normalize)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.inferer(x, self.network)
@@ -442,29 +420,6 @@ def body_box(x: torch.Tensor, threshold: float = -500.0, margin: int = 16, facto
     return tuple(box)
 
 
-def nonzero_box(x: torch.Tensor) -> tuple[slice, ...]:
-    """Bounding box of voxels nonzero in any channel of ``x`` (C, *S) — the crop of training's
-    ``CropForegroundd(select_fn=nonzero_region)``; the whole image when everything is zero."""
-    mask = (x != 0).any(dim=0)
-    if not bool(mask.any()):
-        return tuple(slice(0, s) for s in mask.shape)
-    box = []
-    for axis in range(mask.dim()):
-        other = tuple(a for a in range(mask.dim()) if a != axis)
-        hits = torch.nonzero(mask.any(dim=other) if other else mask).flatten()
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
-
-
-def nonzero_box_affine(affine: np.ndarray, box: Sequence[slice]) -> np.ndarray:
-    """The 4×4 affine of the sub-grid ``box`` (slices starting at voxel ``start``) of an image."""
-    affine = np.asarray(affine, dtype=np.float64)
-    out = affine.copy()
-    start = np.array([b.start or 0 for b in box], dtype=np.float64)
-    out[:3, 3] = affine[:3, 3] + affine[:3, : len(box)] @ start
-    return out
-
-
 def output_paths(path: str | os.PathLike, out_dir: str | os.PathLike, probabilities: bool = False,
                  uncertainty: bool = False) -> dict[str, Path]:
     """Where :meth:`Predictor.segment` writes the outputs for ``path``."""
@@ -512,26 +467,6 @@ def collect_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> l
         else:
             paths.append(p)
     return paths
-
-
-def resolve_plan(bundle: Path | None, checkpoint: Path | None) -> Plan:
-    """The plan a checkpoint was trained with (see :meth:`Predictor.from_bundle` for the order)."""
-    if checkpoint is not None:
-        ckpt = load_checkpoint(checkpoint)
-        if isinstance(ckpt.get("plan"), dict):
-            try:
-                return Plan.from_dict(ckpt["plan"])
-            except (TypeError, ValueError) as e:
-                raise InputError(checkpoint, f"invalid 'plan' entry ({e})") from None
-        beside = checkpoint.parent / "plan.json"
-        if beside.is_file():
-            return Plan.load(beside)
-    if bundle is not None:
-        for candidate in (bundle / "plan.json", bundle / "configs" / "plan.json"):
-            if candidate.is_file():
-                return Plan.load(candidate)
-    where = bundle if bundle is not None else checkpoint
-    raise InputError(where, "no plan found (checkpoint 'plan' entry, plan.json beside it, or <bundle>/plan.json)")
 
 
 def summary_table(results: Sequence[SegmentResult]) -> str:

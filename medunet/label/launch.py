@@ -241,12 +241,20 @@ def weights_status(bundle_copy: str | os.PathLike) -> str:
 
 
 def _set_trained_plan(dest: Path, weights_file: Path | None) -> None:
-    """``dest/models/plan.json`` = the plan saved beside ``weights_file`` (medunet's trainer writes
-    ``plan.json`` next to ``model.pt``), or none, so the network falls back to ``configs/plan.json``."""
+    """``dest/models/plan.json`` = the plan that goes with ``weights_file``
+    (:func:`medunet.inference.resolve_plan`: its ``"plan"`` entry, else ``plan.json`` beside it), or
+    none, so that the bundle copy falls back to ``configs/plan.json``."""
+    from medunet.inference import resolve_plan
+
     target = dest / "models" / "plan.json"
-    source = weights_file.parent / "plan.json" if weights_file is not None else None
-    if source is not None and source.is_file():
-        atomic_write_text(target, source.read_text())
+    plan = None
+    if weights_file is not None:
+        try:
+            plan = resolve_plan(None, weights_file)
+        except InputError:  # no plan of its own (an unreadable file is reported by load_weights)
+            plan = None
+    if plan is not None:
+        plan.save(target)
     elif target.exists():
         target.unlink()
 

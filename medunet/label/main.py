@@ -4,10 +4,10 @@
 ``main.py`` imports it; :mod:`medunet.label.launch` writes that folder). For every bundle copied into
 ``<app>/model/<name>/`` it registers
 
-* an infer task ``<name>`` (MONAI Label's :class:`BundleInferTask`: the bundle's ``preprocessing``,
-  ``inferer`` and ``postprocessing`` from ``configs/inference.json``, weights ``models/model.pt``,
-  labels from ``metadata.json``'s ``channel_def``); its ``/info/`` entry carries ``weights``
-  (``checkpoint``/``bundle``/``fine-tuned``/``random-init``) and says UNTRAINED when random;
+* an infer task ``<name>`` (:class:`MedunetInferTask`: the network ``network_def`` of
+  ``configs/inference.json`` with the weights ``models/model.pt``, predicted by medunet's Predictor as
+  ``medunet segment`` does; labels from ``metadata.json``'s ``channel_def``); its ``/info/`` entry carries
+  ``weights`` (``checkpoint``/``bundle``/``fine-tuned``/``random-init``) and says UNTRAINED when random;
 * a train task ``<name>`` (MONAI Label's :class:`BundleTrainTask`: ``configs/train.json`` run with the
   datastore's labelled images, starting from the served weights, writing the best model back to
   ``models/model.pt``, which the infer task then reloads).
@@ -118,27 +118,52 @@ class MedunetDatastore(LocalDatastore):
 
 
 class MedunetInferTask(BundleInferTask):
-    """A bundle's inference as a MONAI Label segmentation task; ``info()`` reports the weights' origin."""
+    """A bundle's model as a MONAI Label segmentation task, predicted by :class:`medunet.inference.Predictor`
+    (what ``medunet segment`` and the bundle's ``inferring`` run): the image file is read and
+    preprocessed by the Predictor, and the label is written in the file's exact geometry.
 
-    def run_pre_transforms(self, data, transforms):
-        # MONAI's Spacingd (1.6) updates every "<image key>_*" entry as a metadata dict, but MONAI Label
-        # puts the request's "image_path" string there; set such strings aside while the bundle's
-        # preprocessing runs (the writer needs image_path afterwards).
-        prefix = f"{self.key_image}_"
-        stash = {k: data.pop(k) for k in list(data) if isinstance(k, str) and k.startswith(prefix)
-                 and not isinstance(data[k], dict)}
-        try:
-            out = super().run_pre_transforms(data, transforms)
-        finally:
-            data.update(stash)
-        out.update(stash)
-        return out
+    MONAI Label's ``BundleInferTask`` supplies the rest: the network (``network_def`` of
+    ``configs/inference.json``) with the weights of ``models/model.pt``, cached per device and reloaded
+    when that file changes (fine-tuning), labels from ``metadata.json``. ``info()`` reports the weights'
+    origin.
+    """
+
+    def pre_transforms(self, data=None):
+        return []  # the Predictor reads and preprocesses the image file itself
+
+    def inverse_transforms(self, data=None):
+        return None  # the Predictor maps the prediction back onto the input grid
+
+    def post_transforms(self, data=None):
+        return []
+
+    def run_inferer(self, data, convert_to_batch=True, device="cuda"):
+        from medunet.inference import Predictor, resolve_plan
+        from medunet.io import read_image
+
+        network = self._get_network(device, data)
+        weights = Path(self.bundle_path) / "models" / "model.pt"
+        stamp = weights.stat().st_mtime_ns if weights.exists() else None
+        cached = getattr(self, "_plan_cache", None)
+        if cached is None or cached[0] != stamp:  # (re)resolved when fine-tuning replaces the weights
+            self._plan_cache = cached = (stamp, resolve_plan(self.bundle_path, weights))
+        plan = cached[1]
+        image = read_image(data["image_path"])
+        prediction = Predictor(network, plan, device=device).predict_image(image)
+        data[self.output_label_key] = prediction.label
+        data["medunet_image"] = image
+        return data
 
     def writer(self, data, extension=None, dtype=None):
-        # label maps as integers (uint8 up to 255 classes), like medunet's own outputs
-        if dtype is None and not data.get("result_dtype"):
+        """The label map as NIfTI (uint8 up to 255 classes) with the input's affine and header."""
+        from medunet.io import write_like
+
+        if dtype is None:
             dtype = np.uint8 if max(self.labels.values(), default=0) < 256 else np.uint16
-        return super().writer(data, extension=extension, dtype=dtype)
+        handle, out = tempfile.mkstemp(suffix=".nii.gz")
+        os.close(handle)
+        write_like(np.asarray(data[self.output_label_key]), data["medunet_image"], out, dtype=dtype)
+        return out, {}
 
     def info(self) -> dict[str, Any]:
         i = super().info()
@@ -167,10 +192,13 @@ class MedunetTrainTask(BundleTrainTask):
         return super().__call__(request, datastore)
 
     def _served_plan_file(self) -> str:
-        """The plan the served ``models/model.pt`` was trained with (``models/plan.json``), else the
-        bundle's ``configs/plan.json``."""
-        trained = Path(self.bundle_path) / "models" / "plan.json"
-        return str(trained if trained.exists() else Path(self.bundle_path) / "configs" / "plan.json")
+        """The plan file of the served ``models/model.pt`` (:func:`medunet.inference.trained_plan_path`:
+        ``models/plan.json``, else the bundle's ``configs/plan.json``)."""
+        from medunet.inference import trained_plan_path
+
+        bundle = Path(self.bundle_path)
+        found = trained_plan_path(bundle / "models" / "model.pt", bundle)
+        return str(found if found is not None else bundle / "configs" / "plan.json")
 
     def _update_overrides(self, overrides):
         """Settings for fine-tuning inside MONAI Label, applied only to keys the bundle defines.
@@ -194,6 +222,12 @@ class MedunetTrainTask(BundleTrainTask):
                            ("mlflow", tracking == "mlflow")):
             if cfg.get(key) is not None:
                 overrides[key] = value
+        if cfg.get("epoch_length") is not None and cfg.get("time_budget", "absent") != "absent":
+            # patch-sampling bundles count epochs in steps (250 by default); for fine-tuning on a few
+            # submitted labels an epoch is one patch per labelled image, as MONAI Label users expect
+            overrides["epoch_length"] = "$max(1, -(-len(@train#dataset.cases) // @batch_size))"
+        if cfg.get("time_budget", "absent") != "absent":
+            overrides["time_budget"] = None  # the request's max_epochs is the budget
         return overrides
 
     def _partition_datalist(self, datalist, request, shuffle=False):

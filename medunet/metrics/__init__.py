@@ -1,16 +1,20 @@
 """Metrics: per-class Dice, HD95 and surface Dice (MONAI metric functions), an Ignite per-class Dice for
-validation, and evaluation reports (per-case CSV, summary JSON, best/worst overlays)."""
+validation, the evaluator (predict each case's file, score it in its label's grid) and its reports
+(per-case CSV, summary JSON, best/worst overlays)."""
 
-from medunet.metrics.report import (
-    EvaluationReport,
-    overlay_png,
-    representative_slice,
-    summarize,
-    write_report,
+from medunet.metrics.evaluate import (
+    Evaluation,
+    EvaluationRun,
+    evaluate_files,
+    label_map,
+    score_prediction,
+    summary_metrics,
 )
+from medunet.metrics.report import overlay_png, representative_slice, summarize, write_report
 from medunet.metrics.segmentation import METRIC_NAMES, ClassDice, as_label_map, case_metrics
 
 __all__ = [
-    "case_metrics", "ClassDice", "METRIC_NAMES", "as_label_map", "EvaluationReport", "write_report",
-    "summarize", "overlay_png", "representative_slice",
+    "case_metrics", "ClassDice", "METRIC_NAMES", "as_label_map", "write_report", "summarize", "overlay_png",
+    "representative_slice", "Evaluation", "EvaluationRun", "evaluate_files", "score_prediction",
+    "summary_metrics", "label_map",
 ]

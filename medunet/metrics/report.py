@@ -1,8 +1,7 @@
 """Evaluation reports: a per-case CSV, a summary JSON and PNG overlays of the best and worst cases.
 
-:class:`EvaluationReport` is an Ignite handler for a MONAI ``SupervisedEvaluator`` (``evaluate.json``);
-:func:`write_report` does the same from a list of per-case results, so any caller (CLI, notebooks) can
-produce identical files.
+:func:`write_report` writes them from per-case rows; :func:`medunet.metrics.evaluate_files` (the
+evaluator behind ``evaluate.json`` and ``medunet evaluate``) calls it.
 """
 
 from __future__ import annotations
@@ -10,22 +9,17 @@ from __future__ import annotations
 import csv
 import io
 import json
-import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from ignite.engine import Engine, Events
 
 from medunet.io import atomic_write_bytes, atomic_write_text
-from medunet.metrics.segmentation import METRIC_NAMES, as_label_map, case_metrics
+from medunet.metrics.segmentation import METRIC_NAMES
 
-__all__ = ["EvaluationReport", "write_report", "summarize", "overlay_png", "representative_slice"]
-
-logger = logging.getLogger("medunet.metrics")
+__all__ = ["write_report", "summarize", "overlay_png", "representative_slice"]
 
 
 def representative_slice(label: np.ndarray, pred: np.ndarray) -> int:
@@ -112,13 +106,14 @@ def summarize(rows: Sequence[Mapping], label_names: Mapping[int, str]) -> dict:
 
 
 def write_report(rows: list[dict], label_names: Mapping[int, str], output_dir: str | os.PathLike,
-                 slices: Mapping[str, tuple] | None = None, n_overlays: int = 2) -> dict:
+                 slices: Mapping[str, tuple] | None = None, n_overlays: int = 2, extra: Mapping | None = None) -> dict:
     """Write ``metrics.csv`` (one row per case), ``summary.json`` and ``overlays/{best,worst}_<case>.png``.
 
     Args:
         rows: ``{"case": id, "mean_dice": x, "<metric>_<class name>": x, ...}`` per case.
         slices: case id → ``(image2d, label2d, pred2d, slice_index)`` used for overlays.
         n_overlays: how many best and how many worst cases to draw.
+        extra: more entries for ``summary.json`` (e.g. the cases that failed).
 
     Returns:
         the summary dict (also written as ``summary.json``), with ``"files"`` listing what was written.
@@ -142,92 +137,33 @@ def write_report(rows: list[dict], label_names: Mapping[int, str], output_dir: s
             row = next(r for r in rows if r["case"] == case)
             title = f"{tag}: {case}  mean Dice {float(row['mean_dice']):.3f}" + (f"  (slice z={z})" if z is not None else "")
             files.append(atomic_write_bytes(out / "overlays" / f"{tag}_{case}.png", overlay_png(img, lab, prd, title)))
+    summary.update(extra or {})
+    files.append(atomic_write_text(out / "results.md", results_table(summary)))
     summary["files"] = [str(f) for f in files] + [str(out / "summary.json")]
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def _case_id(meta_obj, fallback: str) -> str:
-    meta = getattr(meta_obj, "meta", None) or {}
-    name = meta.get("filename_or_obj")
-    if isinstance(name, list | tuple):
-        name = name[0] if name else None
-    if not name:
-        return fallback
-    from medunet.io import image_id
+def results_table(summary: Mapping) -> str:
+    """A Markdown table of a :func:`summarize` result: mean (± std) Dice and HD95 per class, then the
+    mean over classes."""
 
-    return image_id(str(name))
+    def cell(stats, digits):
+        if not stats or stats.get("mean") is None or not math.isfinite(float(stats["mean"])):
+            return "–"
+        return f"{float(stats['mean']):.{digits}f} ± {float(stats.get('std') or 0.0):.{digits}f}"
 
-
-def _spacing(t) -> list[float] | None:
-    pixdim = getattr(t, "pixdim", None)
-    if pixdim is None:
-        return None
-    return [float(v) for v in torch.as_tensor(pixdim).flatten().tolist()]
-
-
-class EvaluationReport:
-    """Ignite handler for a (batch size 1 or decollated) evaluator: per-case metrics → report files.
-
-    Reads each case's ``pred`` and ``label`` (one-hot after :func:`medunet.engines.segmentation_postprocessing`)
-    and ``image`` from the decollated engine output, computes :func:`case_metrics` at the image's voxel
-    spacing, and at the end of the epoch writes :func:`write_report`'s files to ``output_dir``. Summary
-    scalars (``eval_mean_dice``, ``eval_<metric>_<class>``) are added to ``engine.state.metrics`` so
-    a tracker attached after this handler logs them.
-    """
-
-    def __init__(self, output_dir: str | os.PathLike, label_names: Mapping[int, str],
-                 tolerance_mm: float | Sequence[float] = 1.0, n_overlays: int = 2):
-        self.output_dir = Path(output_dir)
-        self.label_names = {int(k): str(v) for k, v in label_names.items()}
-        self.num_classes = max(self.label_names) + 1
-        self.tolerance_mm = tolerance_mm
-        self.n_overlays = int(n_overlays)
-        self.summary: dict | None = None
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._iteration)
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self._epoch)
-
-    def _reset(self, engine: Engine) -> None:
-        self.rows: list[dict] = []
-        self.slices: dict[str, tuple] = {}
-
-    def _iteration(self, engine: Engine) -> None:
-        outputs = engine.state.output
-        outputs = outputs if isinstance(outputs, list) else [outputs]
-        for item in outputs:
-            case = _case_id(item.get("image"), fallback=f"case_{len(self.rows):04d}")
-            pred = as_label_map(item["pred"])
-            label = as_label_map(item["label"])
-            per_class = case_metrics(pred, label, self.num_classes, spacing=_spacing(item.get("label")),
-                                     tolerance_mm=self.tolerance_mm)
-            row: dict = {"case": case}
-            dices = []
-            for c, values in per_class.items():
-                name = self.label_names.get(c, f"class{c}")
-                for m, v in values.items():
-                    row[f"{m}_{name}"] = v
-                if math.isfinite(values.get("dice", math.nan)):
-                    dices.append(values["dice"])
-            row["mean_dice"] = float(np.mean(dices)) if dices else math.nan
-            self.rows.append(row)
-            image = item.get("image")
-            img = torch.as_tensor(image).detach().cpu().float()[0].numpy() if image is not None else \
-                np.zeros(tuple(label.shape), np.float32)
-            self.slices[case] = _slice2d(img, label.numpy(), pred.numpy())
-
-    def _epoch(self, engine: Engine) -> None:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
-            return
-        self.summary = write_report(self.rows, self.label_names, self.output_dir, self.slices, self.n_overlays)
-        if self.summary["mean_dice"] is not None:
-            engine.state.metrics["eval_mean_dice"] = self.summary["mean_dice"]
-        for name, per_metric in self.summary["classes"].items():
-            for m, stats in per_metric.items():
-                if stats["mean"] is not None:
-                    engine.state.metrics[f"eval_{m}_{name}"] = stats["mean"]
-        logger.info("evaluation of %d cases: mean Dice %s; report in %s", len(self.rows),
-                    self.summary["mean_dice"], self.output_dir)
+    lines = ["| class | Dice | HD95 (mm) |", "|---|---|---|"]
+    hd = []
+    for name, m in summary.get("classes", {}).items():
+        lines.append(f"| {name} | {cell(m.get('dice'), 4)} | {cell(m.get('hd95'), 2)} |")
+        value = (m.get("hd95") or {}).get("mean")
+        if value is not None and math.isfinite(float(value)):
+            hd.append(float(value))
+    mean = summary.get("mean_dice")
+    mean_text = f"{float(mean):.4f}" if mean is not None and math.isfinite(float(mean)) else "–"
+    hd_text = f"{sum(hd) / len(hd):.2f}" if hd else "–"
+    lines.append(f"| **mean** | **{mean_text}** | {hd_text} |")
+    lines.append("")
+    lines.append(f"{summary.get('n_cases', 0)} case(s) scored, {len(summary.get('failed') or [])} failed.")
+    return "\n".join(lines) + "\n"
