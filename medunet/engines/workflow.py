@@ -59,15 +59,16 @@ def prepare_dataset(dataset_dir: str | os.PathLike, kind: str, cases: int = 12, 
     Only rank 0 generates; other ranks wait at a barrier under ``torch.distributed``.
     """
     path = Path(dataset_dir)
-    if not path.exists():
-        if is_rank0():
-            from medunet.data.phantoms import generate_dataset
+    if not path.exists() and is_rank0():
+        from medunet.data.phantoms import generate_dataset
 
-            msg = f"dataset_dir {path} does not exist: generating {cases} {kind} phantoms there (size {size!r})"
-            logger.warning(msg)  # (without logging set up, Python's last-resort handler prints it)
-            generate_dataset(kind, path, cases=int(cases), seed=int(seed), size=size)
-        _barrier()
-    elif not path.is_dir():
+        msg = f"dataset_dir {path} does not exist: generating {cases} {kind} phantoms there (size {size!r})"
+        logger.warning(msg)  # (without logging set up, Python's last-resort handler prints it)
+        generate_dataset(kind, path, cases=int(cases), seed=int(seed), size=size)
+    # every rank, whether or not the folder existed when it looked: a rank that saw rank 0's finished
+    # folder and skipped the barrier would leave rank 0 waiting in it while it starts training (a hang)
+    _barrier()
+    if not path.is_dir():
         raise NotADirectoryError(f"{path}: dataset_dir is not a folder")
     return str(path)
 
