@@ -107,6 +107,13 @@ def distributed_summary(trainer) -> str:
 
 
 def finish_distributed() -> None:
-    """Leave the process group (no-op without one)."""
+    """Leave the process group (no-op without one): wait for every rank, free what still refers to
+    collective work while the group is alive, then destroy it."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+        import time
+
+        dist.barrier()
+        gc.collect()
+        time.sleep(0.05)  # let gloo's worker threads finish releasing completed work (they need the GIL)
         dist.destroy_process_group()

@@ -200,6 +200,7 @@ class TrainingBudget:
         self.elapsed_before = 0.0  # clock at the start of this process's run (restored on resume)
         self.elapsed = 0.0
         self._t0: float | None = None
+        self._clock_buffer: torch.Tensor | None = None
         self.finished = False
 
     # -- checkpointing ---------------------------------------------------------------------------
@@ -230,9 +231,14 @@ class TrainingBudget:
     def _agreed_clock(self) -> float:
         local = self.elapsed_before + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([local], dtype=torch.float64)
-            dist.all_reduce(t)
-            return float(t[0]) / dist.get_world_size()
+            # one buffer for the whole run: a tensor made per step could be freed last by gloo's worker
+            # thread, which then needs the GIL; at process exit, while the main thread tears the group
+            # down holding the GIL, that deadlocks (seen under torchrun)
+            if self._clock_buffer is None:
+                self._clock_buffer = torch.zeros(1, dtype=torch.float64)
+            self._clock_buffer.fill_(local)
+            dist.all_reduce(self._clock_buffer)
+            return float(self._clock_buffer[0]) / dist.get_world_size()
         return local
 
     # -- events ------------------------------------------------------------------------------------
