@@ -339,3 +339,13 @@ def test_split_datalist_every_nth_holds_out_every_fifth_case(ct_data):
     assert names == sorted(names)
     with pytest.raises(ValueError, match="split"):
         split_datalist(ct_data, split="random", check=False)
+
+
+def test_cli_train_passes_the_time_budget(monkeypatch, tmp_path):
+    import medunet.engines.workflow as workflow
+    from medunet.cli import main
+
+    seen = {}
+    monkeypatch.setattr(workflow, "run_bundle_workflow", lambda bundle, wf, overrides: seen.update(overrides))
+    assert main(["train", str(BUNDLES / "mri"), "--time-budget", "90", "--max-epochs", "3"]) == 0
+    assert seen["time_budget"] == 90.0 and seen["max_epochs"] == 3

@@ -1,7 +1,7 @@
 """'Same' networks see zero padding (the normalised mean) at inference, as in training.
 
 Training pads patches with zeros (train_transforms' ``SpatialPadd(mode="constant")``, the in-memory
-``PatchSampler``); mirrored padding at inference put a reflected copy of the anatomy beside small images,
+``PatchDataset``); mirrored padding at inference put a reflected copy of the anatomy beside small images,
 which the network never saw, and cost 0.04 mean Dice on real hippocampus crops.
 """
 
