@@ -1,9 +1,9 @@
 """Inference speed: medunet's Predictor against MONAI's sliding_window_inference, on CPU, one process.
 
 A CT phantom (~256×256×160 voxels after resampling) is segmented by the ``bundles/ct`` network with
-weights trained on CT phantoms (trained here with the engines' recipe — 64×64×32 patches, a third of
-them centred on an organ — for ``--train-seconds`` = 28 min on 8 phantoms by default, when ``--workdir``
-holds no checkpoint for this plan yet; ``--retrain`` forces it):
+weights trained on CT phantoms (trained here by the ``bundles/ct`` bundle itself — 64×64×32 patches, a
+third of them centred on an organ — for ``--train-seconds`` = 28 min on 8 phantoms by default, when
+``--workdir`` holds no checkpoint for this plan yet; ``--retrain`` forces it):
 
 * baseline: MONAI's ``SlidingWindowInferer`` at the model-zoo settings (roi 96³, overlap 0.5,
   gaussian, sw_batch_size 4);

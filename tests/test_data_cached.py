@@ -17,8 +17,8 @@ from medunet.data.cached import (
     SampleStream,
     _integer_crop,
     cache_cases,
-    every_nth_split,
 )
+from medunet.data.datalist import every_nth_split
 from medunet.io import InputError
 
 

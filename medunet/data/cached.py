@@ -19,12 +19,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medunet.data.datalist import every_nth_split
 from medunet.data.plan import Plan
 from medunet.io import InputError, image_id
 
 __all__ = [
-    "CachedCase", "every_nth_split", "cache_cases", "PatchDataset", "SampleStream", "AugmentConfig",
+    "CachedCase", "cache_cases", "PatchDataset", "SampleStream", "AugmentConfig",
     "patch_dataset",
 ]
 

@@ -280,9 +280,9 @@ class TrainingBudget:
 
     def _epoch_completed(self, engine: Engine) -> None:
         s = engine.state
-        last = self.finished or (s.max_epochs is not None and s.epoch >= s.max_epochs)
         if s.max_epochs is not None and s.epoch >= s.max_epochs:
             self.finished = True
+        last = self.finished
         due = self.val_interval > 0 and s.epoch % self.val_interval == 0
         if self.validator is not None and (due or last):
             self.validator.run(s.epoch)
