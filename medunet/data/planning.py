@@ -30,7 +30,7 @@ from medunet.io import InputError, is_nifti, read_image, read_nifti_header, vali
 
 __all__ = [
     "fingerprint_dataset", "plan_dataset", "estimate_memory_mb", "estimate_gflops",
-    "target_spacing", "BUDGETS", "format_plan", "NoUsableCases",
+    "target_spacing", "BUDGETS", "format_plan", "NoUsableCases", "receptive_field",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ BUDGETS = {
 _SAMPLES_PER_CASE = 10_000
 _ANISOTROPY = 3.0
 _MAX_BATCH_FRACTION = 0.05  # a batch never covers more than 5 % of the dataset's voxels (nnU-Net)
+_MIN_COVERAGE = 0.25  # nnU-Net plans 3d_lowres when the full-resolution patch covers less of the median image
+_MAX_COARSENING = 4.0
 
 
 class NoUsableCases(ValueError):
@@ -385,6 +387,29 @@ def estimate_gflops(patch: Sequence[int], strides: Sequence[Sequence[int]], filt
     return batch_size * 3 * 2 * macs / 1e9
 
 
+def receptive_field(kernel_size: Sequence[Sequence[int]], strides: Sequence[Sequence[int]]) -> list[int]:
+    """Theoretical receptive field (voxels per axis) of one output voxel of MONAI's DynUNet.
+
+    Encoder level ``i``: two convolutions of ``kernel_size[i]``, the first with stride ``strides[i]``.
+    Decoder step from level ``j`` up to ``j - 1``: a transposed convolution (kernel = stride, so it
+    widens nothing) and two convolutions of ``kernel_size[j]`` at level ``j - 1``'s resolution. A
+    convolution of size ``k`` whose input voxels each span ``J`` image voxels widens the field by
+    ``(k - 1)·J``.
+    """
+    dims = len(kernel_size[0])
+    field, jump = [1] * dims, [1] * dims
+    for k, s in zip(kernel_size, strides):
+        for a in range(dims):
+            field[a] += (int(k[a]) - 1) * jump[a]
+            jump[a] *= int(s[a])
+            field[a] += (int(k[a]) - 1) * jump[a]
+    for k, s in zip(kernel_size[:0:-1], strides[:0:-1]):
+        for a in range(dims):
+            jump[a] //= int(s[a])
+            field[a] += 2 * (int(k[a]) - 1) * jump[a]
+    return field
+
+
 def _filters(n_levels: int, base: int, maximum: int) -> list[int]:
     return [min(base * 2**i, maximum) for i in range(n_levels)]
 
@@ -406,6 +431,52 @@ def _fit_layout(patch: list[int], spacing: list[float], cap: list[int], dims: in
     return patch, kernels, strides, div, _filters(len(strides), base, maximum)
 
 
+def _coarser(spacing: Sequence[float], step: float = 1.03) -> list[float]:
+    """One coarsening step of the grid: axes more than twice finer than the coarsest grow first (an
+    anisotropic grid becomes isotropic), then all axes together."""
+    coarsest = max(spacing)
+    fine = [coarsest / s > 2.0 for s in spacing]
+    if not any(fine):
+        fine = [True] * len(spacing)
+    return [s * step if f else s for s, f in zip(spacing, fine)]
+
+
+class _Fitter:
+    """Patch and DynUNet layout for a median shape and spacing, within the memory/compute budgets."""
+
+    def __init__(self, in_channels: int, out_channels: int, dims: int, base: int, maximum: int,
+                 mem_budget: float, flop_budget: float | None, min_batch: int) -> None:
+        self.cin, self.cout, self.dims, self.base, self.maximum = in_channels, out_channels, dims, base, maximum
+        self.mem_budget, self.flop_budget, self.min_batch = mem_budget, flop_budget, min_batch
+
+    def cost(self, patch, strides, kernels, filters, batch: int) -> tuple[float, float]:
+        """(memory MB, GFLOP) of one training step."""
+        return (estimate_memory_mb(patch, strides, filters, self.cin, self.cout, batch),
+                estimate_gflops(patch, strides, filters, kernels, self.cin, batch))
+
+    def patch(self, median_shape: Sequence[int], spacing: Sequence[float]):
+        """Start at the median shape (rounded to the network's divisibility, down where possible so the
+        patch is not larger than the median image) and shrink the axis largest relative to the median
+        shape until a batch of ``min_batch`` fits the budgets. Returns (patch, kernels, strides, filters)."""
+        dims, base, maximum = self.dims, self.base, self.maximum
+        median_shape = [max(int(s), 1) for s in median_shape]
+        _, _, _, div0, _ = _fit_layout(list(median_shape), spacing, [10**6] * dims, dims, base, maximum)
+        cap = [max((c // d) * d, d) for c, d in zip(median_shape, div0)]
+        patch = list(cap)
+        while True:
+            patch, kernels, strides, div, filters = _fit_layout(patch, spacing, cap, dims, base, maximum)
+            mem, flops = self.cost(patch, strides, kernels, filters, self.min_batch)
+            if mem <= self.mem_budget and (self.flop_budget is None or flops <= self.flop_budget):
+                return patch, kernels, strides, filters
+            ratios = [p / max(m, 1) if p - d >= 4 else -1.0 for p, m, d in zip(patch, median_shape, div)]
+            if max(ratios) < 0:
+                log.warning("patch %s still exceeds the budget; keeping the smallest valid patch", patch)
+                return patch, kernels, strides, filters
+            # shrink every axis tied for the largest patch/median ratio (keeps e.g. in-plane axes equal)
+            for axis in [a for a in range(dims) if ratios[a] >= max(ratios) - 1e-9]:
+                patch[axis] -= div[axis]
+
+
 def plan_dataset(
     dataset_dir: str | os.PathLike | None = None,
     network: str = "dynunet",
@@ -417,6 +488,8 @@ def plan_dataset(
     min_batch_size: int = 2,
     max_batch_size: int = 16,
     spacing: Sequence[float] | None = None,
+    coarsen: bool | None = None,
+    min_coverage: float = _MIN_COVERAGE,
 ) -> Plan:
     """nnU-Net-like configuration from a dataset fingerprint.
 
@@ -434,6 +507,15 @@ def plan_dataset(
             percentile along a strongly anisotropic axis) — as nnU-Net's ``overwrite_target_spacing``: a
             coarser grid lets a CPU-sized patch see a whole abdomen. The median shape, patch and layout
             follow from it.
+        coarsen: when the budget's patch covers less than ``min_coverage`` of the median image (in
+            voxels), coarsen the target spacing step by step — the finer axes first, as nnU-Net builds
+            its ``3d_lowres`` grid — until it does (at most 4× the planned spacing). Default: on for a
+            3D CPU plan (a CPU's patch is small; more context beats more detail), off with ``gpu``.
+            Never with an explicit ``spacing``. The plan's ``fingerprint["lowres"]`` records it.
+        min_coverage: fraction of the median image's voxels the patch should cover (nnU-Net: 0.25).
+
+    The plan's ``fingerprint["estimate"]`` holds the step's memory/GFLOP estimate, the network's
+    receptive field (voxels and mm per axis), the patch in mm and its coverage of the median image.
 
     Returns:
         a :class:`Plan` (all spacings/shapes in the RAS-reoriented frame).
@@ -447,6 +529,7 @@ def plan_dataset(
     budget = BUDGETS["gpu" if gpu else "cpu"]
     mem_budget = float(memory_budget_mb if memory_budget_mb is not None else budget["memory_mb"])
     flop_budget = None if gpu else float(gflops_budget if gflops_budget is not None else budget["gflops"])
+    coarsen = (not gpu) if coarsen is None else bool(coarsen)
     spacings = np.array([c["spacing"] for c in fp["cases"]], dtype=np.float64)
     shapes = np.array([c["shape"] for c in fp["cases"]], dtype=np.float64)
     data_dims = spacings.shape[1]
@@ -469,35 +552,26 @@ def plan_dataset(
     base = int(budget["base_filters"])
     maximum = int(budget["max_filters_2d" if spatial_dims == 2 else "max_filters_3d"])
 
-    # patch: start at the median shape (rounded up to a valid size) and shrink the axis that is
-    # largest relative to the median shape until a batch of min_batch_size fits the budgets
-    cap = [max(int(s), 1) for s in median_shape]
-    _, _, _, div0, _ = _fit_layout(list(cap), plan_spacing, [10**6] * spatial_dims, spatial_dims, base, maximum)
-    cap = [int(math.ceil(c / d)) * d for c, d in zip(cap, div0)]
-    patch = list(cap)
-
-    def cost(p, strides, kernels, filters, batch):
-        mem = estimate_memory_mb(p, strides, filters, in_channels, out_channels, batch)
-        flops = estimate_gflops(p, strides, filters, kernels, in_channels, batch)
-        return mem, flops
-
-    def fits(mem, flops):
-        return mem <= mem_budget and (flop_budget is None or flops <= flop_budget)
-
-    while True:
-        patch, kernels, strides, div, filters = _fit_layout(patch, plan_spacing, cap, spatial_dims, base, maximum)
-        mem, flops = cost(patch, strides, kernels, filters, min_batch_size)
-        if fits(mem, flops):
-            break
-        ratios = [p / max(m, 1) if p - d >= 4 else -1.0 for p, m, d in zip(patch, median_shape, div)]
-        if max(ratios) < 0:
-            log.warning("patch %s still exceeds the budget; keeping the smallest valid patch", patch)
-            break
-        # shrink every axis tied for the largest patch/median ratio (keeps e.g. in-plane axes equal)
-        for axis in [a for a in range(spatial_dims) if ratios[a] >= max(ratios) - 1e-9]:
-            patch[axis] -= div[axis]
+    fit = _Fitter(in_channels, out_channels, spatial_dims, base, maximum, mem_budget, flop_budget, min_batch_size)
+    patch, kernels, strides, filters = fit.patch(median_shape, plan_spacing)
+    lowres = None
+    if coarsen and spacing is None and spatial_dims == 3:
+        # a patch that covers little of the median image sees too little context to learn from: coarsen
+        # the grid (nnU-Net's 3d_lowres rule) until the budget's patch covers min_coverage of it
+        factor = 1.0
+        while math.prod(patch) < min_coverage * math.prod(median_shape) and factor < _MAX_COARSENING:
+            plan_spacing = _coarser(plan_spacing)
+            factor = max(n / o for n, o in zip(plan_spacing, target))
+            median_shape = [int(round(s)) for s in np.median(shapes * spacings / np.asarray(plan_spacing), axis=0)]
+            patch, kernels, strides, filters = fit.patch(median_shape, plan_spacing)
+        if factor > 1.0:
+            lowres = {"from_spacing": [float(s) for s in target], "min_coverage": float(min_coverage)}
+            target = [round(float(s), 6) for s in plan_spacing]
+            plan_spacing = target
+            resampled = shapes * spacings / np.asarray(target)
+    mem, flops = fit.cost(patch, strides, kernels, filters, min_batch_size)
     # batch: as many patches as the budgets allow, but at most 5 % of the dataset's voxels
-    mem1, flops1 = cost(patch, strides, kernels, filters, 1)
+    mem1, flops1 = fit.cost(patch, strides, kernels, filters, 1)
     batch = int(mem_budget // max(mem1, 1e-9))
     if flop_budget is not None:
         batch = min(batch, int(flop_budget // max(flops1, 1e-9)))
@@ -519,11 +593,18 @@ def plan_dataset(
     # for other networks the budget was applied to the DynUNet-equivalent of the patch (their own cost
     # differs: e.g. unet2015 has 64…1024 filters); the estimate says which
     est_patch = patch if network == "dynunet" else net_patch
-    mem, flops = cost(est_patch, strides, kernels, filters, batch)
+    mem, flops = fit.cost(est_patch, strides, kernels, filters, batch)
+    rf = receptive_field(kernels, strides)
     summary["estimate"] = {"memory_mb": round(mem, 1), "gflops_per_step": round(flops, 2),
+                           "receptive_field_voxels": rf,
+                           "receptive_field_mm": [round(r * sp, 1) for r, sp in zip(rf, target)],
+                           "patch_mm": [round(p * sp, 1) for p, sp in zip(est_patch, target)],
+                           "patch_coverage": round(math.prod(est_patch) / max(math.prod(median_shape), 1), 3),
                            "memory_budget_mb": mem_budget, "gflops_budget": flop_budget,
                            "device": "gpu" if gpu else "cpu",
                            "basis": "dynunet" if network == "dynunet" else f"dynunet-equivalent of {network}"}
+    if lowres:
+        summary["lowres"] = lowres
     if spatial_dims == 2 and data_dims == 3:
         summary["slice_axis"] = 2
     return Plan(
@@ -597,6 +678,14 @@ def format_plan(plan: Plan) -> str:
                                                        else "")
         rows.append(("estimate per step", f"{est.get('memory_mb')} MB, {est.get('gflops_per_step')} GFLOP "
                                           f"({est.get('device')}; budget {budget}; {est.get('basis', 'dynunet')})"))
+    if est.get("receptive_field_mm"):
+        rows.append(("patch (mm)", _fmt(est.get("patch_mm"))
+                     + f"  ({100 * est.get('patch_coverage', 0):.0f} % of the median image)"))
+        rows.append(("receptive field", _fmt(est["receptive_field_voxels"]) + " voxels = "
+                     + _fmt(est["receptive_field_mm"]) + " mm"))
+    if fp.get("lowres"):
+        rows.append(("coarsened grid", f"from {_fmt(fp['lowres']['from_spacing'])} mm: a patch within the budget "
+                                       f"covers >= {100 * fp['lowres']['min_coverage']:.0f} % of the median image"))
     rows.append(("fingerprint time", f"{fp.get('seconds', '?')} s"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
