@@ -32,7 +32,6 @@ from medunet.inference.postprocess import keep_largest_component
 from medunet.inference.sliding import build_inferer
 from medunet.inference.tta import UNCERTAINTY_KINDS, entropy_map, predict_probabilities
 from medunet.io import (
-    IMAGE2D_SUFFIXES,
     ImageData,
     InputError,
     image_id,
@@ -43,9 +42,11 @@ from medunet.io import (
     write_like,
     write_nifti,
 )
+from medunet.io.errors import os_error_words
+from medunet.io.writable import output_file_problem, output_folder_problem
 
 __all__ = [
-    "Predictor", "Prediction", "SegmentResult", "collect_inputs", "resolve_plan", "summary_table",
+    "Predictor", "Prediction", "SegmentResult", "collect_inputs", "scan_inputs", "resolve_plan", "summary_table",
     "resolve_device", "output_paths", "nonzero_box", "nonzero_box_affine", "body_box",
 ]
 
@@ -94,7 +95,7 @@ class SegmentResult:
     """Outcome of one input of :meth:`Predictor.segment`."""
 
     input: str
-    status: str  # "ok", "failed" or "skipped" (every requested output already exists)
+    status: str  # "ok", "failed", "skipped" (every requested output already exists) or "ignored" (hidden entry)
     outputs: list[str] = field(default_factory=list)
     shape: tuple[int, ...] | None = None
     seconds: float = 0.0
@@ -108,6 +109,11 @@ class SegmentResult:
     def failed(self) -> bool:
         """A failure (a skipped case whose outputs all exist already is not one)."""
         return self.status == "failed"
+
+    @property
+    def done(self) -> bool:
+        """Its outputs exist: segmented now, or skipped because they existed already."""
+        return self.status in ("ok", "skipped")
 
 
 class Predictor:
@@ -136,6 +142,9 @@ class Predictor:
             coarser grid, widened by ``body_margin`` plan voxels) and background outside it; False
             (default) predicts everywhere. See :func:`body_box`.
         body_hu, body_margin: threshold (HU) and margin (plan voxels per side) of ``body_crop``.
+        placement: where sliding windows go, ``"even"`` (default) or ``"monai"`` (MONAI's rule: with
+            MONAI's roi, overlap and float32 the probabilities equal ``sliding_window_inference``'s);
+            see :class:`~medunet.inference.sliding.TiledInferer`.
 
     Example:
         >>> predictor = Predictor.from_bundle("bundles/ct")
@@ -162,6 +171,7 @@ class Predictor:
         body_crop: bool = False,
         body_hu: float = -500.0,
         body_margin: int = 16,
+        placement: str = "even",
     ) -> None:
         if uncertainty is not None and uncertainty not in UNCERTAINTY_KINDS:
             raise ValueError(f"uncertainty must be None or one of {UNCERTAINTY_KINDS}, got {uncertainty!r}")
@@ -181,7 +191,7 @@ class Predictor:
             cpu_bf16 = cpu_has_native_bf16()
         self.inferer = build_inferer(self.network, plan, roi_size=roi_size, overlap=overlap, mode=mode,
                                      sw_batch_size=sw_batch_size, device=self.device, progress=progress,
-                                     channels_last=channels_last, cpu_bf16=cpu_bf16)
+                                     channels_last=channels_last, cpu_bf16=cpu_bf16, placement=placement)
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -226,6 +236,10 @@ class Predictor:
         x = self._to_channels_first(image)
         with torch.inference_mode():
             probs, unc = self._predict_array(x, image.affine)
+            if not bool(torch.isfinite(probs).all()):
+                low, high = float(x.min()), float(x.max())
+                raise InputError(image.path, f"the network's output is not a number (NaN/Inf) for this image "
+                                             f"(intensities {low:.4g} to {high:.4g})")
             label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
         if self.largest_component:
             label = keep_largest_component(label, range(1, self.plan.out_channels))
@@ -325,6 +339,11 @@ class Predictor:
         ``uncertainty`` ``<id>_uncertainty.nii.gz`` (float32 in [0, 1]). Every file is written
         atomically. A failing input is recorded and the next one processed; existing outputs are kept
         (status ``"skipped"``) unless ``overwrite``. ``report`` is called with each result as it comes.
+
+        Every input entry gets a result: hidden entries of a scanned folder are ``"ignored"`` with the
+        reason (:func:`scan_inputs`), whatever goes wrong reading, predicting or writing one input
+        fails that input alone, and outputs that cannot be written (folder not writable, a folder
+        where a file must go, a name too long) fail their input before it is read or predicted.
         """
         kind = None
         if uncertainty:
@@ -336,12 +355,21 @@ class Predictor:
         out_dir = Path(out_dir)
         results: list[SegmentResult] = []
         try:
-            paths = collect_inputs(inputs)
+            paths, left_out = scan_inputs(inputs)
         except InputError as e:
             result = SegmentResult(input=str(e.path), status="failed", message=str(e))
             if report:
                 report(result)
             return [result]
+        for entry, reason in left_out:
+            results.append(SegmentResult(str(entry), "ignored", message=f"{entry}: ignored: {reason}"))
+            if report:
+                report(results[-1])
+        folder_problem = None
+        if overwrite or any(not o.exists() for path in paths
+                            for o in output_paths(path, out_dir, save_probabilities, kind is not None).values()):
+            folder_problem = output_folder_problem(out_dir)  # before any input is read or predicted
+        inputs_resolved = frozenset(_resolved(path) for path in paths)
         claimed: dict[Path, str] = {}
         iterator = paths
         if self.progress and len(paths) > 1:
@@ -350,7 +378,8 @@ class Predictor:
             iterator = tqdm(paths, desc="files", unit="file")
         try:
             for path in iterator:
-                result = self._segment_one(path, out_dir, overwrite, save_probabilities, kind is not None, claimed)
+                result = self._segment_one(path, out_dir, overwrite, save_probabilities, kind is not None, claimed,
+                                           folder_problem, inputs_resolved)
                 results.append(result)
                 if report:
                     report(result)
@@ -359,7 +388,10 @@ class Predictor:
         return results
 
     def _segment_one(self, path: Path, out_dir: Path, overwrite: bool, save_probabilities: bool,
-                     save_uncertainty: bool, claimed: dict[Path, str]) -> SegmentResult:
+                     save_uncertainty: bool, claimed: dict[Path, str], folder_problem: str | None = None,
+                     inputs: frozenset[Path] = frozenset()) -> SegmentResult:
+        """One input of :meth:`segment`: outputs checked, read, predicted, written; never raises
+        (but for KeyboardInterrupt): any failure becomes this input's one-line ``"failed"`` result."""
         start = time.perf_counter()
         outs = output_paths(path, out_dir, save_probabilities, save_uncertainty)
         clash = next((claimed[p] for p in outs.values() if p in claimed), None)
@@ -376,23 +408,41 @@ class Predictor:
             return SegmentResult(str(path), "skipped", outputs=[str(p) for p in outs.values()],
                                  message=f"{path}: skipped (exists): {', '.join(map(str, outs.values()))} "
                                          "(--overwrite redoes it)")
+        def failed(message: str) -> SegmentResult:
+            return SegmentResult(str(path), "failed", seconds=time.perf_counter() - start, message=message)
+
+        if folder_problem is not None:
+            return failed(f"{path}: not segmented: output folder {out_dir} {folder_problem}")
+        for target in todo.values():
+            problem = output_file_problem(target, inputs)
+            if problem is not None:
+                return failed(f"{path}: not segmented: output {target} {problem}")
+        stage, target = "reading", None
         try:
             image = read_image(path)
+            stage = "predicting"
             pred = self.predict_image(image)
+            stage = "writing"
             out_dir.mkdir(parents=True, exist_ok=True)
             if "label" in todo:
-                write_like(pred.label, image, outs["label"], dtype=np.uint8)
+                target = outs["label"]
+                write_like(pred.label, image, target, dtype=np.uint8)
             if "probabilities" in todo:
-                write_nifti(np.moveaxis(pred.probabilities, 0, -1), image.affine, outs["probabilities"],
+                target = outs["probabilities"]
+                write_nifti(np.moveaxis(pred.probabilities, 0, -1), image.affine, target,
                             header=image.header, dtype=np.float32)
             if "uncertainty" in todo:
-                write_nifti(pred.uncertainty, image.affine, outs["uncertainty"], header=image.header,
-                            dtype=np.float32)
+                target = outs["uncertainty"]
+                write_nifti(pred.uncertainty, image.affine, target, header=image.header, dtype=np.float32)
         except InputError as e:
-            return SegmentResult(str(path), "failed", seconds=time.perf_counter() - start, message=str(e))
-        except (ValueError, RuntimeError, OSError, MemoryError) as e:
-            msg = " ".join(str(e).split()) or type(e).__name__
-            return SegmentResult(str(path), "failed", seconds=time.perf_counter() - start, message=f"{path}: {msg}")
+            return failed(str(e) if e.path else f"{path}: {e.reason}")
+        except MemoryError:
+            return failed(f"{path}: out of memory while {stage} it (the image is too large for the free memory)")
+        except OSError as e:
+            where = f"cannot write {target}" if target is not None else f"{stage} failed"
+            return failed(f"{path}: {where}: {os_error_words(e)}")
+        except Exception as e:  # whatever a library raises for this one file, the batch goes on
+            return failed(f"{path}: {stage} failed ({_one_line(e)})")
         return SegmentResult(str(path), "ok", outputs=[str(p) for p in outs.values()], shape=image.spatial_shape,
                              seconds=time.perf_counter() - start)
 
@@ -435,38 +485,71 @@ def output_paths(path: str | os.PathLike, out_dir: str | os.PathLike, probabilit
 
 
 def collect_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
-    """Expand inputs into image paths: files as given; a folder into its NIfTI/PNG/TIFF files (sorted),
-    else its sub-folders (one DICOM series each), else the folder itself (one DICOM series).
+    """The entries :meth:`Predictor.segment` reads for ``inputs`` (:func:`scan_inputs`' first list)."""
+    return scan_inputs(inputs)[0]
 
-    Never raises for a bad item: missing paths, broken or looping symbolic links and unreadable
-    folders are returned as they are, so that reading them fails for that item alone (one error line)
-    and a batch goes on with the others."""
+
+def scan_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand inputs into what to read, and what is left out with the reason.
+
+    * a file (or a missing path, a broken link) is read as it is;
+    * a folder holding image files (NIfTI/PNG/TIFF names): every entry in it, sorted — its image
+      files, and also its other files, sub-folders (each read as a DICOM series) and links, so that
+      every entry is segmented or refused by the reader with its reason (unknown extension, a folder
+      named like a file, a broken link...); hidden entries (``.name``: e.g. macOS ``._*`` and
+      ``.DS_Store`` files, unfinished temporary files) are left out, each with its reason;
+    * a folder of folders only: each sub-folder (one DICOM series each);
+    * any other folder: itself as one DICOM series, and each of its sub-folders as another.
+
+    Never raises for a bad item: unreadable folders are returned as they are, so that reading them
+    fails for that item alone (one error line) and a batch goes on with the others.
+
+    Returns:
+        ``(paths to read, [(path, reason) left out])``.
+    """
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     paths: list[Path] = []
+    left_out: list[tuple[Path, str]] = []
     for item in items:
         p = Path(item)
         if not p.is_dir():  # files, and missing/looping paths: reading them reports the problem
             paths.append(p)
             continue
         try:
-            entries = sorted(e for e in p.iterdir() if not e.name.startswith("."))
+            everything = sorted(p.iterdir())
         except OSError:  # unreadable folder: reading it reports why
             paths.append(p)
             continue
-        # image-named entries that are files or symbolic links (a broken or looping link is reported
-        # by read_image, never silently skipped)
-        images = [e for e in entries if (e.is_file() or e.is_symlink()) and not e.is_dir()
-                  and (is_nifti(e) or e.name.lower().endswith(IMAGE2D_SUFFIXES))]
-        if images:
-            paths.extend(images)
+        entries = [e for e in everything if not e.name.startswith(".")]
+        hidden = [e for e in everything if e.name.startswith(".")]
+        if any(_named_like_image(e) and not e.is_dir() for e in entries):
+            paths.extend(entries)
+            left_out.extend((e, "hidden entry (its name starts with '.'), not read as an input") for e in hidden)
             continue
         subdirs = [e for e in entries if e.is_dir()]
-        files = [e for e in entries if e.is_file()]
-        if subdirs and not files:
-            paths.extend(subdirs)
-        else:
-            paths.append(p)
-    return paths
+        files = [e for e in entries if not e.is_dir()]
+        if files or not subdirs:
+            paths.append(p)  # its files are one DICOM series (or it is empty: reading it says so)
+        paths.extend(subdirs)
+    return paths, left_out
+
+
+def _named_like_image(path: Path) -> bool:
+    return is_nifti(path) or is_2d_image(path)
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a looping link: never an output's path
+        return path
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """``"TypeName: message"`` on one line, cut at ``limit`` characters."""
+    text = " ".join(str(error).split())
+    text = f"{type(error).__name__}: {text}" if text else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def summary_table(results: Sequence[SegmentResult]) -> str:
@@ -475,11 +558,16 @@ def summary_table(results: Sequence[SegmentResult]) -> str:
     for r in results:
         shape = "x".join(str(s) for s in r.shape) if r.shape else "-"
         status = {"ok": "ok", "skipped": "skipped (exists)"}.get(r.status, f"{r.status}: {r.message}")
+        if r.status == "ignored":
+            status = r.message.split(": ignored: ", 1)[-1]
+            status = f"ignored: {status}"
         rows.append((Path(r.input).name or r.input, shape, f"{r.seconds:.2f}", status))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows]
-    n_failed = sum(r.failed for r in results)
+    n_done = sum(r.done for r in results)
     n_skipped = sum(r.status == "skipped" for r in results)
-    lines.append(f"{len(results) - n_failed}/{len(results)} succeeded"
-                 + (f" ({n_skipped} skipped: outputs exist)" if n_skipped else ""))
+    n_ignored = sum(r.status == "ignored" for r in results)
+    lines.append(f"{n_done}/{len(results) - n_ignored} succeeded"
+                 + (f" ({n_skipped} skipped: outputs exist)" if n_skipped else "")
+                 + (f"; {n_ignored} hidden entr{'y' if n_ignored == 1 else 'ies'} ignored" if n_ignored else ""))
     return "\n".join(lines)
