@@ -52,6 +52,16 @@ def _remove_orphans(folder: Path, stem: str, ext: str) -> None:
                 (folder / name).unlink()
 
 
+def _fit_temp_stem(stem: str, ext: str, name_max: int = 255) -> str:
+    """``stem`` shortened so that the temporary name (``.<stem>.<pid>.<8 chars>.tmp<ext>``) fits the
+    file system's name limit even when the final name only just does."""
+    room = name_max - len(os.fsencode(f"..{os.getpid()}.12345678.tmp{ext}"))
+    raw = os.fsencode(stem)
+    if len(raw) <= room:
+        return stem
+    return raw[: max(room, 1)].decode("utf-8", "ignore") or "x"  # a cut multi-byte character is dropped
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed onto ``path``.
@@ -66,6 +76,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[Pat
         raise FileExistsError(f"{final}: exists (use --overwrite to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     stem, ext = _split_suffix(final.name)
+    stem = _fit_temp_stem(stem, ext)
     _remove_orphans(final.parent, stem, ext)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{stem}.{os.getpid()}.", suffix=f".tmp{ext}", dir=final.parent)
     os.close(fd)

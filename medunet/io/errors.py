@@ -1,10 +1,12 @@
-"""The one exception type for bad input: it names the file and what is wrong, on one line."""
+"""The one exception type for bad input: it names the file and what is wrong, on one line; and
+operating-system errors put in words (no ``[Errno N]``)."""
 
 from __future__ import annotations
 
+import errno
 import os
 
-__all__ = ["InputError"]
+__all__ = ["InputError", "os_error_words"]
 
 
 class InputError(ValueError):
@@ -14,3 +16,34 @@ class InputError(ValueError):
         self.path = None if path is None else os.fspath(path)
         self.reason = " ".join(str(reason).split())  # one line, whatever the cause said
         super().__init__(f"{self.path}: {self.reason}" if self.path else self.reason)
+
+
+_WORDS = {
+    errno.EEXIST: "already exists",
+    errno.ENOTDIR: "a part of the path is a file, not a folder",
+    errno.EISDIR: "is a folder, not a file",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied (operation not permitted)",
+    errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on the device",
+    errno.EFBIG: "file too large (over the file system's or the process's size limit)",
+    errno.ENAMETOOLONG: "file name too long for the file system",
+    errno.ELOOP: "symbolic link loop",
+    errno.ENOENT: "no such file or folder",
+    errno.EIO: "input/output error (failing disk or network share)",
+}
+if hasattr(errno, "EDQUOT"):
+    _WORDS[errno.EDQUOT] = "disk quota exceeded"
+
+
+def os_error_words(error: OSError) -> str:
+    """What went wrong, in words: ``"permission denied"``, ``"no space left on the device"``...
+
+    The text never carries Python's ``[Errno N]`` prefix or the temporary file names an atomic write
+    used; the caller names the file.
+    """
+    words = _WORDS.get(error.errno) if error.errno is not None else None
+    if words is None:
+        words = (error.strerror or " ".join(str(error).split()) or type(error).__name__).strip()
+        words = words[:1].lower() + words[1:]
+    return words
