@@ -122,7 +122,7 @@ def _run_segment(args: argparse.Namespace) -> int:
     results = segment_inputs(predictor, args.input, args.output, overwrite=args.overwrite,
                              save_probabilities=args.save_probabilities, uncertainty=uncertainty)
     n_failed = sum(r.failed for r in results)  # skipped cases (all outputs exist) are done, not failed
-    return batch_exit_code(len(results) - n_failed, n_failed)
+    return batch_exit_code(sum(r.done for r in results), n_failed)  # hidden entries ignored: neither
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import numpy as np
 __all__ = [
     "Case", "CASES", "IMAGE_CASES", "LABEL_CASES", "CHECKPOINT_CASES", "FOLDER_CASES", "make_case",
     "write_good_image", "write_good_label", "good_affine", "write_dicom_series", "is_root",
-    "GOOD_SHAPE", "case_names",
+    "GOOD_SHAPE", "case_names", "VOXEL_CASES", "CONVERTER_CASES",
 ]
 
 GOOD_SHAPE = (24, 20, 16)
@@ -54,8 +54,9 @@ class Case:
         culprit: the path the error line must name (usually ``path``; the label for label cases).
         reason: regular expression (case-insensitive) the error must match — the *problem*.
         applies: commands this case is meaningful for (see ``READ``, ``SEGMENT``...).
-        outcome: ``"error"`` (must be refused) or ``"either"`` (a clear refusal, or a correct result
-            with the input's exact geometry — e.g. an all-constant image may legitimately be segmented).
+        outcome: ``"error"`` (must be refused), ``"either"`` (a clear refusal, or a correct result
+            with the input's exact geometry — e.g. an all-constant image may legitimately be segmented)
+            or ``"ok"`` (what converters really write: must be segmented in its exact geometry).
         label: the label written beside it (good or bad), if any.
         unprivileged: the case only bites for a non-root user (permission bits); tests running as
             root must run the command as ``nobody`` or skip.
@@ -153,6 +154,8 @@ IMAGE_CASES: list[str] = []       # bad image file/folder, given to segment / re
 LABEL_CASES: list[str] = []       # good image, bad label (datasets only)
 CHECKPOINT_CASES: list[str] = []  # bad --checkpoint
 FOLDER_CASES: list[str] = []      # the input/dataset folder itself is bad
+VOXEL_CASES: list[str] = []       # voxel data that is no image (complex, colour, unsupported type, no voxels)
+CONVERTER_CASES: list[str] = []   # unusual but valid files hospital converters write: must be segmented
 
 _IMG = frozenset({READ, SEGMENT, CHECK, PLAN, TRAIN})
 #: valid files for the reader (it returns them as they are); the commands that expect one 3D channel judge them
@@ -575,6 +578,206 @@ def label_missing(img: Path, lbl: Path) -> Case:
     """An image listed for training whose label file does not exist."""
     write_good_image(img)
     return Case("label_missing", img, lbl, r"missing|not found|no such|does not exist", _LBL, label=lbl)
+
+
+# --------------------------------------------------------------------------------------------------
+# voxel data that is no image: refused with the reason, never converted with data dropped
+_VOX = frozenset({READ, SEGMENT, CHECK})
+
+
+def _raw_nifti(img: Path, array: np.ndarray, **fields) -> Path:
+    """An uncompressed NIfTI whose header fields are then overwritten (datatype codes nibabel will not
+    write, e.g. 1 = 1-bit binary); ``img`` keeps its name, gzip-compressed when it ends in ``.gz``."""
+    import io
+
+    raw = bytearray(_nifti_bytes(array, good_affine()))
+    hdr = nib.Nifti1Header.from_fileobj(io.BytesIO(bytes(raw[:348])))
+    for key, value in fields.items():
+        hdr[key] = value
+    raw[:348] = hdr.binaryblock
+    img.parent.mkdir(parents=True, exist_ok=True)
+    img.write_bytes(gzip.compress(bytes(raw)) if img.name.endswith(".gz") else bytes(raw))
+    return img
+
+
+def _colour(gray: np.ndarray, channels: tuple[np.ndarray, ...]) -> np.ndarray:
+    names = "RGBA"[: len(channels)]
+    out = np.zeros(gray.shape, dtype=[(n, "u1") for n in names])
+    for n, c in zip(names, channels, strict=True):
+        out[n] = c
+    return out
+
+
+def _gray_u8(shape=GOOD_SHAPE, seed: int = 0) -> np.ndarray:
+    image, _ = _phantom(shape, seed)
+    return np.clip(image + 100, 0, 255).astype(np.uint8)
+
+
+@_register(VOXEL_CASES)
+def complex_voxels(img: Path, lbl: Path | None) -> Case:
+    """complex64 MR signal (real and imaginary parts both used): no single image to take from it."""
+    image, _ = _phantom(GOOD_SHAPE)
+    _save((image + 1j * image[::-1]).astype(np.complex64), good_affine(), img)
+    return Case("complex_voxels", img, img, r"complex", _VOX, label=_label_beside(lbl))
+
+
+@_register(VOXEL_CASES)
+def complex_zero_imaginary(img: Path, lbl: Path | None) -> Case:
+    """complex128 whose imaginary part is zero: still complex by type (real part or magnitude?)."""
+    image, _ = _phantom(GOOD_SHAPE)
+    _save(image.astype(np.complex128), good_affine(), img)
+    return Case("complex_zero_imaginary", img, img, r"complex", _VOX, label=_label_beside(lbl))
+
+
+@_register(VOXEL_CASES)
+def rgb_colour(img: Path, lbl: Path | None) -> Case:
+    """RGB24 voxels with different red, green and blue: turning them into gray would drop colour."""
+    gray = _gray_u8()
+    _save(_colour(gray, (gray, gray // 2, 255 - gray)), good_affine(), img)
+    return Case("rgb_colour", img, img, r"colou?r|rgb", _VOX, label=_label_beside(lbl))
+
+
+@_register(VOXEL_CASES)
+def rgba_varying_alpha(img: Path, lbl: Path | None) -> Case:
+    """RGBA32 gray (R = G = B) whose alpha varies: the alpha would be dropped."""
+    gray = _gray_u8()
+    _save(_colour(gray, (gray, gray, gray, gray[::-1].copy())), good_affine(), img)
+    return Case("rgba_varying_alpha", img, img, r"alpha|transparen", _VOX, label=_label_beside(lbl))
+
+
+@_register(VOXEL_CASES)
+def float64_beyond_float32(img: Path, lbl: Path | None) -> Case:
+    """float64 values of 1e300: float32 would make them infinite."""
+    image, _ = _phantom(GOOD_SHAPE)
+    _save(image.astype(np.float64) * 1e298, good_affine(), img)
+    return Case("float64_beyond_float32", img, img, r"float32 range|beyond|too large|overflow", _VOX,
+                label=_label_beside(lbl))
+
+
+@_register(VOXEL_CASES)
+def binary_datatype(img: Path, lbl: Path | None) -> Case:
+    """NIfTI datatype 1 (1 bit per voxel), which the reader does not support."""
+    _raw_nifti(img, _gray_u8(), datatype=1, bitpix=1)
+    return Case("binary_datatype", img, img, r"data ?type|binary|not supported", _VOX, label=_label_beside(lbl))
+
+
+@_register(VOXEL_CASES)
+def float128_datatype(img: Path, lbl: Path | None) -> Case:
+    """NIfTI datatype 1536 (128-bit float)."""
+    image, _ = _phantom(GOOD_SHAPE)
+    data = np.repeat(image.astype(np.float64), 2, axis=-1)  # 16 bytes per voxel
+    _raw_nifti(img, data, datatype=1536, bitpix=128, dim=[3, *GOOD_SHAPE, 1, 1, 1, 1])
+    return Case("float128_datatype", img, img, r"data ?type|128|not supported", _VOX, label=_label_beside(lbl))
+
+
+@_register(VOXEL_CASES)
+def empty_axis(img: Path, lbl: Path | None) -> Case:
+    """A 24x0x16 volume: a header whose second axis has no voxels."""
+    _save(np.zeros((24, 0, 16), np.int16), good_affine(), img)
+    return Case("empty_axis", img, img, r"empty axis|no voxels|\b0\b", _VOX, label=_label_beside(lbl))
+
+
+@_register(VOXEL_CASES)
+def two_extra_axes(img: Path, lbl: Path | None) -> Case:
+    """X×Y×Z×2×3: time and vector axes at once; which one is the channel axis is not the reader's guess."""
+    image, _ = _phantom(GOOD_SHAPE)
+    _save(np.repeat(np.repeat(image[..., None, None], 2, axis=3), 3, axis=4), good_affine(), img)
+    return Case("two_extra_axes", img, img, r"axes|shape|dimension", _VOX, label=_label_beside(lbl))
+
+
+# --------------------------------------------------------------------------------------------------
+# what converters and PACS exports really write: segmented in the file's exact geometry
+_CONV = frozenset({READ, SEGMENT, CHECK})
+
+
+def _ok(name: str, img: Path, lbl: Path | None, **extra) -> Case:
+    return Case(name, img, img, r"^$", _CONV, outcome="ok", label=_label_beside(lbl), extra=extra)
+
+
+@_register(CONVERTER_CASES)
+def rgb_gray(img: Path, lbl: Path | None) -> Case:
+    """RGB24 with R = G = B: gray stored in colour, read losslessly as that gray."""
+    gray = _gray_u8()
+    _save(_colour(gray, (gray, gray, gray)), good_affine(), img)
+    return _ok("rgb_gray", img, lbl, gray=gray)
+
+
+@_register(CONVERTER_CASES)
+def scaled_int16(img: Path, lbl: Path | None) -> Case:
+    """int16 storage with scl_slope 0.5 and scl_inter -1024 (how many CT exports store HU)."""
+    image, _ = _phantom(GOOD_SHAPE)
+    raw = np.round((image + 1024) / 0.5).astype(np.int16)
+    nii = nib.Nifti1Image(raw, good_affine())
+    nii.header.set_slope_inter(0.5, -1024.0)
+    nii.set_sform(good_affine(), code=1)
+    nii.set_qform(good_affine(), code=1)
+    img.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nii, str(img))
+    return _ok("scaled_int16", img, lbl, values=raw * 0.5 - 1024.0)
+
+
+@_register(CONVERTER_CASES)
+def uncompressed_nii(img: Path, lbl: Path | None) -> Case:
+    """A plain ``.nii`` (no gzip) next to the ``.nii.gz`` files."""
+    img = img.with_name(img.name.replace(".nii.gz", ".nii"))
+    write_good_image(img)
+    return _ok("uncompressed_nii", img, lbl)
+
+
+@_register(CONVERTER_CASES)
+def unusual_file_name(img: Path, lbl: Path | None) -> Case:
+    """Spaces, brackets, non-ASCII letters, extra dots and an upper-case extension."""
+    img = img.with_name(f"Patient Müller (séries 2) v1.5 {img.name.split('.')[0]}.NII.GZ")
+    write_good_image(img)
+    return _ok("unusual_file_name", img, lbl)
+
+
+@_register(CONVERTER_CASES)
+def singleton_axes(img: Path, lbl: Path | None) -> Case:
+    """X×Y×Z×1×1 (a time axis and a vector axis of length 1, as some converters write)."""
+    image, _ = _phantom(GOOD_SHAPE)
+    _save(np.round(image).astype(np.int16)[..., None, None], good_affine(), img)
+    return _ok("singleton_axes", img, lbl)
+
+
+@_register(CONVERTER_CASES)
+def wide_integer_types(img: Path, lbl: Path | None) -> Case:
+    """int64 storage (values a CT scanner writes): read as the values, not refused for its width."""
+    image, _ = _phantom(GOOD_SHAPE)
+    nii = nib.Nifti1Image(np.round(image).astype(np.int64), good_affine(), dtype=np.int64)
+    nii.set_sform(good_affine(), code=1)
+    img.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nii, str(img))
+    return _ok("wide_integer_types", img, lbl)
+
+
+@_register(CONVERTER_CASES)
+def blank_scan(img: Path, lbl: Path | None) -> Case:
+    """Every voxel 0 (an empty series): the label is empty, not an error."""
+    _save(np.zeros(GOOD_SHAPE, np.int16), good_affine(), img)
+    return _ok("blank_scan", img, lbl, empty_label=True)
+
+
+@_register(CONVERTER_CASES)
+def padding_only_scan(img: Path, lbl: Path | None) -> Case:
+    """Every voxel -3024 (CT padding value only): the label is empty."""
+    _save(np.full(GOOD_SHAPE, -3024, np.int16), good_affine(), img)
+    return _ok("padding_only_scan", img, lbl, empty_label=True)
+
+
+@_register(CONVERTER_CASES)
+def single_slice(img: Path, lbl: Path | None) -> Case:
+    """A 3D file of one axial slice (24×20×1)."""
+    image, _ = _phantom((24, 20, 1))
+    _save(np.round(image).astype(np.int16), good_affine(), img)
+    return _ok("single_slice", img, lbl)
+
+
+@_register(CONVERTER_CASES)
+def one_voxel(img: Path, lbl: Path | None) -> Case:
+    """A 1×1×1 volume (a degenerate export)."""
+    _save(np.full((1, 1, 1), 40, np.int16), good_affine(), img)
+    return _ok("one_voxel", img, lbl)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -81,7 +81,7 @@ def segment_inputs(
 
     def report(result: SegmentResult) -> None:
         if not result.ok:
-            line = result.message if result.status == "skipped" else f"{result.status}: {result.message}"
+            line = result.message if result.status in ("skipped", "ignored") else f"{result.status}: {result.message}"
             tqdm.write(f"{prefix}: {line}", file=stream or sys.stderr)
 
     results = predictor.segment(inputs, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
@@ -102,6 +102,6 @@ def run_inferring(predictor: Predictor, input_dir: PathLike | Iterable[PathLike]
     """
     results = segment_inputs(predictor, input_dir, output_dir, overwrite=overwrite, prefix="inferring")
     n_failed = sum(r.failed for r in results)
-    if not results or n_failed == len(results):
+    if not any(r.done for r in results):
         raise RuntimeError(f"{input_dir}: no input was segmented ({n_failed} of {len(results)} failed, see above)")
     return results

@@ -235,7 +235,10 @@ class Predictor:
         start = time.perf_counter()
         x = self._to_channels_first(image)
         with torch.inference_mode():
-            probs, unc = self._predict_array(x, image.affine)
+            if is_blank(x):  # one value everywhere (an empty or padding-only scan): nothing to segment
+                probs, unc = self._blank_prediction(x)
+            else:
+                probs, unc = self._predict_array(x, image.affine)
             if not bool(torch.isfinite(probs).all()):
                 low, high = float(x.min()), float(x.max())
                 raise InputError(image.path, f"the network's output is not a number (NaN/Inf) for this image "
@@ -259,6 +262,16 @@ class Predictor:
         if image.spatial_dims == 2 and self.plan.spatial_dims == 3:
             raise InputError(image.path, f"is a 2D image {image.spatial_shape} but the model is 3D")
         return x
+
+    def _blank_prediction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Background with certainty (uncertainty 0) for an image without any contrast."""
+        probs = torch.zeros((self.plan.out_channels, *x.shape[1:]), dtype=torch.float32)
+        probs[0] = 1.0
+        if not isinstance(getattr(self.inferer, "last_stats", None), dict):
+            self.inferer.last_stats = {}
+        self.inferer.last_stats.clear()
+        self.inferer.last_stats.update(blank=True, windows=0)
+        return probs, (torch.zeros(x.shape[1:], dtype=torch.float32) if self.uncertainty else None)
 
     def _predict_array(self, x: torch.Tensor, affine: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``(C, *S)`` → probabilities ``(K, *S)`` and uncertainty ``(*S)``/None, in the input grid.
@@ -366,7 +379,7 @@ class Predictor:
             if report:
                 report(results[-1])
         folder_problem = None
-        if overwrite or any(not o.exists() for path in paths
+        if overwrite or any(not o.is_file() for path in paths
                             for o in output_paths(path, out_dir, save_probabilities, kind is not None).values()):
             folder_problem = output_folder_problem(out_dir)  # before any input is read or predicted
         inputs_resolved = frozenset(_resolved(path) for path in paths)
@@ -400,10 +413,14 @@ class Predictor:
                                  f"collides with that of {clash}; rename one of them")
         for p in outs.values():
             claimed[p] = str(path)
+        if inputs and any(_resolved(p) in inputs for p in outs.values()):
+            mine = next(p for p in outs.values() if _resolved(p) in inputs)
+            return SegmentResult(str(path), "failed", message=f"{path}: not segmented: its output {mine} is one of "
+                                 "the inputs; writing there would destroy it (choose another output folder)")
         # A case is complete when every requested output exists: skip it. An incomplete one (a run
         # killed between its writes) is predicted again and only its missing outputs are written, so
         # finished files are never touched without --overwrite.
-        todo = {kind: p for kind, p in outs.items() if overwrite or not p.exists()}
+        todo = {kind: p for kind, p in outs.items() if overwrite or not p.is_file()}
         if not todo:
             return SegmentResult(str(path), "skipped", outputs=[str(p) for p in outs.values()],
                                  message=f"{path}: skipped (exists): {', '.join(map(str, outs.values()))} "
@@ -414,7 +431,7 @@ class Predictor:
         if folder_problem is not None:
             return failed(f"{path}: not segmented: output folder {out_dir} {folder_problem}")
         for target in todo.values():
-            problem = output_file_problem(target, inputs)
+            problem = output_file_problem(target)
             if problem is not None:
                 return failed(f"{path}: not segmented: output {target} {problem}")
         stage, target = "reading", None
@@ -445,6 +462,13 @@ class Predictor:
             return failed(f"{path}: {stage} failed ({_one_line(e)})")
         return SegmentResult(str(path), "ok", outputs=[str(p) for p in outs.values()], shape=image.spatial_shape,
                              seconds=time.perf_counter() - start)
+
+
+def is_blank(x: torch.Tensor) -> bool:
+    """True when every channel of ``x`` (C, *S) holds one value (all zero, all air, all padding): such
+    a scan has no structure, so its label is background everywhere (no network needed)."""
+    flat = x.reshape(x.shape[0], -1)
+    return bool(flat.numel() == 0 or (flat == flat[:, :1]).all())
 
 
 def body_box(x: torch.Tensor, threshold: float = -500.0, margin: int = 16, factor: int = 4) -> tuple[slice, ...]:

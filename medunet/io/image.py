@@ -1,6 +1,26 @@
 """Reading NIfTI / DICOM / PNG-TIFF images with their exact geometry, and writing labels atomically.
 
 Every failure is an :class:`~medunet.io.errors.InputError` naming the file and the problem.
+
+Which voxel types are images (:func:`scalar_voxels`, applied by every reader): an image is one real
+number per voxel (per channel).
+
+* accepted: booleans, signed and unsigned integers of any width, and floating point of any width,
+  after NIfTI scaling (``scl_slope``/``scl_inter``). Readers return float32: integers beyond 2**24
+  are rounded to float32's 24-bit precision (a relative change below 6e-8), floats must be finite and
+  within float32's range (NaN/Inf, or values beyond ±3.4e38, are refused: converting them would
+  invent infinities).
+* accepted by a lossless conversion: colour voxels (NIfTI RGB24/RGBA32, RGB/RGBA PNG, multi-component
+  DICOM) whose red, green and blue are equal everywhere, and whose alpha, if any, is one value — a
+  gray image stored in colour; it is read as that gray.
+* refused, with the reason: complex voxels (MR complex signal: whether the real part or the
+  magnitude is the image is not the file's to say, and either drops data), colour voxels whose
+  channels differ (turning them into gray would drop colour), any other structured type, and
+  non-numeric data (strings, objects, dates).
+
+Shapes: the first three axes are spatial. Singleton axes beyond them (``X×Y×Z×1``, NIfTI's
+``X×Y×Z×1×C`` vector layout) are dropped; one remaining extra axis is the channel axis; more than
+one is refused. An axis of length 0 is refused from the header, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -9,6 +29,7 @@ import contextlib
 import gzip
 import logging
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +43,7 @@ from medunet.io.errors import InputError
 __all__ = [
     "ImageData", "read_image", "read_nifti", "read_nifti_header", "read_dicom_series", "read_2d_image", "write_nifti",
     "write_like", "validate_affine", "is_nifti", "is_2d_image", "NIFTI_SUFFIXES", "IMAGE2D_SUFFIXES",
-    "image_id",
+    "image_id", "scalar_voxels", "to_float32", "voxel_type_problem",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -84,14 +105,15 @@ class ImageData:
 
 @contextlib.contextmanager
 def _quiet_nibabel_header_fixes():
-    """Silence nibabel's header-fix warnings (e.g. "pixdim should be non-zero") while loading.
+    """Silence nibabel's header-fix messages (e.g. "pixdim should be non-zero", "data code 1 not
+    supported; not attempting fix") while loading.
 
     Our own checks report those problems as one line naming the file; nibabel's logger also has its
     own stream handler, bound to the ``sys.stderr`` of import time, which may since have been closed.
     """
     logger = logging.getLogger("nibabel.global")
     previous = logger.level
-    logger.setLevel(logging.ERROR)
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:
@@ -143,6 +165,120 @@ def _check_memory_budget(shape: tuple[int, ...], path: Path) -> None:
                                f"over the memory budget of {budget / 2**30:.1f} GiB (set MEDUNET_MAX_IMAGE_GB to raise it)")
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+#: NIfTI datatype codes nibabel cannot read here (its errors give only the number)
+_NIFTI_UNSUPPORTED_CODES = {1: "1-bit binary", 1536: "128-bit float", 2048: "256-bit complex"}
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    return str(dtype) if dtype.fields is None else "structured " + ", ".join(
+        f"{name}:{dtype.fields[name][0]}" for name in dtype.names)
+
+
+def _colour_channels(dtype: np.dtype) -> list[str] | None:
+    """Field names of a colour voxel type (3 or 4 numeric fields of one type: RGB24, RGBA32...)."""
+    names = list(dtype.names or ())
+    if len(names) not in (3, 4):
+        return None
+    kinds = {dtype.fields[n][0] for n in names}
+    if len(kinds) != 1 or next(iter(kinds)).kind not in "uif" or next(iter(kinds)).shape:
+        return None
+    return names
+
+
+def voxel_type_problem(dtype: np.dtype) -> str | None:
+    """Why voxels of ``dtype`` can never be an image, or None when they can (or may, for colour
+    types, when their channels turn out equal). The rule is the module docstring's."""
+    dtype = np.dtype(dtype)
+    if dtype.fields is not None:
+        if _colour_channels(dtype) is not None:
+            return None
+        return f"voxel type {_dtype_name(dtype)} is a structured record, not an image intensity"
+    if dtype.kind == "c":
+        return (f"complex voxels ({dtype}): a complex (MR signal/phase) image is not a scalar image; "
+                "save its magnitude or real part as a real type")
+    if dtype.kind in "biuf":
+        return None
+    return f"non-numeric voxels ({dtype}): not an image"
+
+
+def scalar_voxels(array: np.ndarray, path: str | os.PathLike, channel_axis: int | None = None) -> np.ndarray:
+    """``array`` as real scalars (bool → uint8), or :class:`InputError` saying why it is not an image.
+
+    Colour comes either as a structured type (NIfTI RGB24/RGBA32) or as a trailing ``channel_axis``
+    (RGB PNG, multi-component DICOM); it is accepted when it is gray in disguise: red, green and blue
+    equal everywhere and alpha, if any, one value. Anything else is refused (see the module docstring).
+    """
+    array = np.asanyarray(array)
+    problem = voxel_type_problem(array.dtype)
+    if problem is not None:
+        raise InputError(path, problem)
+    if array.dtype.fields is not None:
+        names = _colour_channels(array.dtype)
+        channels = [np.asarray(array[n]) for n in names]
+        what = f"colour voxels ({_dtype_name(array.dtype)})"
+    elif channel_axis is not None:
+        count = array.shape[channel_axis]
+        if count not in (1, 2, 3, 4):
+            raise InputError(path, f"{count} colour components per pixel; expected gray, RGB or RGBA")
+        channels = list(np.moveaxis(array, channel_axis, 0))
+        what = f"colour pixels ({count} components)"
+        if count in (1, 2):  # gray, gray + alpha
+            channels = [channels[0]] * 3 + channels[1:]
+    else:
+        return array.astype(np.uint8) if array.dtype.kind == "b" else array
+    colour, alpha = channels[:3], channels[3] if len(channels) == 4 else None
+    if not (np.array_equal(colour[0], colour[1]) and np.array_equal(colour[0], colour[2])):
+        raise InputError(path, f"{what} with differing red, green and blue: a colour image, not a gray one; "
+                               "converting it to gray would drop its colour (convert it yourself if that is meant)")
+    if alpha is not None and alpha.size and np.any(alpha != alpha.flat[0]):
+        raise InputError(path, f"{what} with a varying alpha (transparency) channel: it would be dropped")
+    gray = np.ascontiguousarray(colour[0])
+    return gray.astype(np.uint8) if gray.dtype.kind == "b" else gray
+
+
+def to_float32(array: np.ndarray, path: str | os.PathLike, check_finite: bool = True) -> np.ndarray:
+    """Real scalar voxels as float32, refusing values float32 cannot hold instead of making them Inf.
+
+    NaN/Inf are refused when ``check_finite``; finite floats beyond ±3.4e38 always are.
+    """
+    if array.dtype.kind == "f":
+        finite = np.isfinite(array)
+        if check_finite and not finite.all():
+            bad = int(finite.size - np.count_nonzero(finite))
+            raise InputError(path, f"contains {bad} NaN/Inf voxel(s)")
+        if array.dtype.itemsize > 4:
+            values = array[finite] if not finite.all() else array
+            peak = float(np.max(np.abs(values))) if values.size else 0.0
+            if peak > _FLOAT32_MAX:
+                beyond = int(np.count_nonzero(np.abs(values) > _FLOAT32_MAX))
+                raise InputError(path, f"{beyond} voxel value(s) beyond the float32 range (largest |value| "
+                                       f"{peak:.3g} > 3.4e38): not an image intensity")
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.asarray(array, dtype=np.float32)
+
+
+def _check_header_shape_and_type(img: nib.Nifti1Image, path: Path) -> None:
+    """Refuse from the header alone: an axis of length 0, and voxel types that are never images."""
+    shape = tuple(int(s) for s in img.shape)
+    if any(s == 0 for s in shape):
+        raise InputError(path, f"has an empty axis: shape {'x'.join(map(str, shape))} holds no voxels")
+    problem = voxel_type_problem(img.get_data_dtype())
+    if problem is not None:
+        raise InputError(path, problem)
+
+
+def _squeeze_extra_axes(array: np.ndarray, path: Path) -> np.ndarray:
+    """Drop singleton axes beyond the three spatial ones; at most one extra (channel) axis may remain."""
+    if array.ndim <= 3:
+        return array
+    extra = [a for a in range(3, array.ndim) if array.shape[a] != 1]
+    if len(extra) > 1:
+        raise InputError(path, f"shape {'x'.join(map(str, array.shape))} has {len(extra)} axes of length > 1 "
+                               "beyond the three spatial ones; an image may have one (channels)")
+    return array.reshape(array.shape[:3] + tuple(array.shape[a] for a in extra))
+
+
 def read_nifti_header(path: str | os.PathLike) -> nib.Nifti1Image:
     """Open a NIfTI file and check it from its header alone (file readable, really NIfTI, spacing,
     size within the memory budget) without loading voxels; the same errors :func:`read_nifti` gives.
@@ -166,9 +302,14 @@ def read_nifti_header(path: str | os.PathLike) -> nib.Nifti1Image:
     except nib.filebasedimages.ImageFileError as e:
         raise InputError(path, f"not a readable NIfTI file ({e})") from None
     except Exception as e:  # nibabel raises many types for malformed headers
+        code = re.search(r"data code (\d+) not supported", str(e))
+        if code:
+            name = _NIFTI_UNSUPPORTED_CODES.get(int(code.group(1)), "unknown to NIfTI readers")
+            raise InputError(path, f"voxel data type code {code.group(1)} ({name}) is not supported") from None
         raise InputError(path, f"cannot read NIfTI header ({type(e).__name__}: {e})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(path, f"not a NIfTI image ({type(img).__name__})")
+    _check_header_shape_and_type(img, path)
     _check_header_spacing(img, path)
     _check_memory_budget(img.shape, path)
     return img
@@ -186,15 +327,15 @@ def read_nifti(path: str | os.PathLike, check_finite: bool = True, dtype=np.floa
         raise InputError(path, f"truncated or unreadable voxel data ({type(e).__name__}: {e})") from None
     if array.ndim < 2:
         raise InputError(path, f"has {array.ndim} dimension(s); an image needs at least 2")
-    if array.ndim > 3:
-        # Drop trailing singleton axes (e.g. X×Y×Z×1); anything else stays 4D for the caller to judge.
-        while array.ndim > 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-    if dtype is not None:
-        array = np.asarray(array, dtype=dtype)
-    if check_finite and np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
-        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
-        raise InputError(path, f"contains {bad} NaN/Inf voxel(s)")
+    array = _squeeze_extra_axes(scalar_voxels(array, path), path)
+    if dtype is not None and np.dtype(dtype) == np.float32:
+        array = to_float32(array, path, check_finite=check_finite)
+    else:
+        if dtype is not None:
+            array = np.asarray(array, dtype=dtype)
+        if check_finite and array.dtype.kind == "f" and not np.all(np.isfinite(array)):
+            bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+            raise InputError(path, f"contains {bad} NaN/Inf voxel(s)")
     affine = validate_affine(img.affine, path, spatial_dims=min(array.ndim, 3))
     header = img.header.copy()
     return ImageData(array=array, affine=affine, path=str(path), header=header, source="nifti")
@@ -233,10 +374,11 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> ImageData:
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     _check_dicom_slice_spacing(reader, files, folder)
-    array = sitk.GetArrayFromImage(img)  # (z, y, x)
+    array = sitk.GetArrayFromImage(img)  # (z, y, x), (z, y, x, c) for colour
+    array = scalar_voxels(array, folder, channel_axis=-1 if img.GetNumberOfComponentsPerPixel() > 1 else None)
     array = np.ascontiguousarray(np.transpose(array, (2, 1, 0)))
     if dtype is not None:
-        array = array.astype(dtype, copy=False)
+        array = to_float32(array, folder) if np.dtype(dtype) == np.float32 else array.astype(dtype, copy=False)
     direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
     lps = np.eye(4)
     lps[:3, :3] = direction * np.asarray(img.GetSpacing(), dtype=np.float64)[None, :]
@@ -273,7 +415,11 @@ def _check_dicom_slice_spacing(reader, files, folder: Path) -> None:
 
 
 def read_2d_image(path: str | os.PathLike, dtype=np.float32) -> ImageData:
-    """Read a PNG/TIFF/JPEG image as a 2D (X, Y) array (RGB converted to gray), unit spacing."""
+    """Read a PNG/TIFF/JPEG image as a 2D (X, Y) array, unit spacing.
+
+    Gray stored as RGB/RGBA/palette (all three colour channels equal, alpha one value) is read as
+    that gray; a colour image is refused (:func:`scalar_voxels`).
+    """
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -281,14 +427,20 @@ def read_2d_image(path: str | os.PathLike, dtype=np.float32) -> ImageData:
     try:
         with Image.open(path) as im:
             im.load()
-            if im.mode not in ("L", "I", "I;16", "F"):
-                im = im.convert("L")
+            if im.mode == "1":
+                im = im.convert("L")  # 0/255: lossless
+            elif im.mode not in ("L", "LA", "I", "F", "RGB", "RGBA") and not im.mode.startswith("I;16"):
+                im = im.convert("RGBA")  # palette, CMYK, YCbCr...: judged as colour below
+            colour = im.mode in ("LA", "RGB", "RGBA")
             array = np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise InputError(path, f"not a readable 2D image ({e})") from None
+    if array.ndim != (3 if colour else 2):
+        raise InputError(path, f"unexpected pixel array shape {array.shape} for image mode {im.mode}")
+    array = scalar_voxels(array, path, channel_axis=-1 if colour else None)
     array = np.ascontiguousarray(array.T)  # PIL is (row, col) = (y, x); NIfTI order is (x, y)
     if dtype is not None:
-        array = array.astype(dtype, copy=False)
+        array = to_float32(array, path) if np.dtype(dtype) == np.float32 else array.astype(dtype, copy=False)
     return ImageData(array=array, affine=np.eye(4), path=str(path), header=None, source="2d")
 
 
@@ -309,11 +461,27 @@ def _check_file(path: Path) -> None:
         raise InputError(path, "empty file (0 bytes)")
 
 
+def _check_dicom_folder_candidate(folder: Path) -> None:
+    """A folder is read as one DICOM series; say so when it is plainly something else."""
+    kind = "NIfTI" if is_nifti(folder) else "2D image" if is_2d_image(folder) else None
+    if kind:
+        raise InputError(folder, f"is a folder, though its name is that of a {kind} file; "
+                                 "expected a file (or a DICOM series folder with another name)")
+    try:
+        images = [e.name for e in folder.iterdir() if (is_nifti(e) or is_2d_image(e)) and not e.name.startswith(".")]
+    except OSError:
+        return  # read_dicom_series says why the folder cannot be listed
+    if images:
+        raise InputError(folder, f"is a folder of {len(images)} image file(s) (e.g. {sorted(images)[0]}), not a "
+                                 "DICOM series; give the folder itself as an input to segment its files")
+
+
 def read_image(path: str | os.PathLike, check_finite: bool = True) -> ImageData:
     """Read a NIfTI file, a DICOM series folder, or a 2D PNG/TIFF image."""
     p = Path(path)
     try:
         if p.is_dir():
+            _check_dicom_folder_candidate(p)
             return read_dicom_series(p)
         if is_nifti(p):
             return read_nifti(p, check_finite=check_finite)
@@ -324,7 +492,10 @@ def read_image(path: str | os.PathLike, check_finite: bool = True) -> ImageData:
             raise InputError(p, "symbolic link loop") from None
         raise InputError(p, f"cannot read ({e.strerror or e})") from None
     _check_file(p)
-    raise InputError(p, "unknown image format (expected .nii, .nii.gz, a DICOM folder, .png or .tif)")
+    suffix = "".join(p.suffixes[-2:]) if p.suffixes else ""
+    what = f"unknown extension {suffix!r}" if suffix else "no file extension"
+    raise InputError(p, f"{what}: not an image format medunet reads (.nii, .nii.gz, .png, .tif, .jpg, .bmp, "
+                        "or a DICOM series folder)")
 
 
 def write_nifti(
