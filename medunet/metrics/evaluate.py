@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from medunet.io import ImageData, InputError, image_id, read_image
+from medunet.metrics.cells import CELL_METRIC_NAMES, cell_metrics
 from medunet.metrics.report import _slice2d, summarize, write_report
 from medunet.metrics.segmentation import METRIC_NAMES, case_metrics
 
@@ -57,10 +58,14 @@ class Evaluation:
 
 
 def summary_metrics(summary: Mapping) -> dict[str, float]:
-    """Scalars of a summary for trackers: ``eval_mean_dice`` and ``eval_<metric>_<class>`` (means)."""
+    """Scalars of a summary for trackers: ``eval_mean_dice``, ``eval_<metric>_<class>`` and
+    ``eval_<case metric>`` (e.g. ``eval_rand_error``) means."""
     out = {}
     if summary.get("mean_dice") is not None:
         out["eval_mean_dice"] = float(summary["mean_dice"])
+    for metric, stats in (summary.get("case_metrics") or {}).items():
+        if stats.get("mean") is not None:
+            out[f"eval_{metric}"] = float(stats["mean"])
     for name, per_metric in (summary.get("classes") or {}).items():
         for metric, stats in per_metric.items():
             if stats.get("mean") is not None:
@@ -99,10 +104,12 @@ def score_prediction(pred_label: np.ndarray, image: ImageData, label: ImageData,
         image: the image predicted (its grid is the prediction's).
         label: the reference; it must share the image's grid (shape and affine), else the case is refused.
         label_names: class value → name (0 = background, not scored).
+        metrics: per-class :data:`~medunet.metrics.METRIC_NAMES` and whole-case
+            :data:`~medunet.metrics.cells.CELL_METRIC_NAMES` (``"pixel_error"``, ``"rand_error"``).
 
     Returns:
-        ``{"mean_dice", "<metric>_<name>"..., "metrics": {class: {metric: value}}}``; distances in mm at the
-        label file's spacing.
+        ``{"mean_dice", "<metric>_<name>"..., "<case metric>"..., "metrics": {class: {metric: value}}}``;
+        distances in mm at the label file's spacing.
 
     Raises:
         InputError: naming the label file when its grid is not the image's.
@@ -115,9 +122,10 @@ def score_prediction(pred_label: np.ndarray, image: ImageData, label: ImageData,
     if not np.allclose(label.affine, image.affine, atol=1e-3 * scale):
         raise InputError(label.path, f"label grid (affine) differs from that of image {image.path}")
     num_classes = max(int(k) for k in label_names) + 1
-    per_class = case_metrics(np.asarray(pred_label).astype(np.int64), ref, num_classes,
-                             spacing=label.spacing, tolerance_mm=tolerance_mm, metrics=metrics)
-    row: dict[str, Any] = {}
+    pred = np.asarray(pred_label).astype(np.int64)
+    per_class = case_metrics(pred, ref, num_classes, spacing=label.spacing, tolerance_mm=tolerance_mm,
+                             metrics=[m for m in metrics if m not in CELL_METRIC_NAMES])
+    row: dict[str, Any] = cell_metrics(pred, ref, [m for m in metrics if m in CELL_METRIC_NAMES])
     dices = []
     for c, values in per_class.items():
         name = label_names.get(c, f"class{c}")
@@ -157,7 +165,8 @@ def evaluate_files(
             and ``overlays/{best,worst}_<case>.png``; ``None`` writes nothing.
         label_names: class value → name; default the predictor's ``plan.label_names``.
         tolerance_mm: surface-Dice tolerance (one value or one per foreground class).
-        metrics: any of ``"dice"``, ``"hd95"``, ``"surface_dice"``.
+        metrics: any of ``"dice"``, ``"hd95"``, ``"surface_dice"`` (per class) and ``"pixel_error"``,
+            ``"rand_error"`` (per case, :mod:`medunet.metrics.cells`).
         n_overlays: how many best and worst cases get an overlay.
         log: called with one line per case that fails (default: a logging warning); the others go on.
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from medunet.io import atomic_write_bytes, atomic_write_text
+from medunet.metrics.cells import CELL_METRIC_NAMES
 from medunet.metrics.segmentation import METRIC_NAMES
 
 __all__ = ["write_report", "summarize", "overlay_png", "representative_slice"]
@@ -73,26 +74,32 @@ def overlay_png(image: np.ndarray, label: np.ndarray, pred: np.ndarray, title: s
     return buf.getvalue()
 
 
+def _stats(rows: Sequence[Mapping], key: str) -> dict:
+    vals = np.array([float(r[key]) for r in rows if key in r], dtype=float)
+    ok = vals[np.isfinite(vals)]
+    return {
+        "mean": float(ok.mean()) if ok.size else None,
+        "std": float(ok.std()) if ok.size else None,
+        "median": float(np.median(ok)) if ok.size else None,
+        "n": int(ok.size),
+        "n_undefined": int(vals.size - ok.size),
+    }
+
+
+def _case_metric_names(rows: Sequence[Mapping]) -> list[str]:
+    """The whole-case measures (:data:`~medunet.metrics.cells.CELL_METRIC_NAMES`) the rows carry."""
+    return [m for m in CELL_METRIC_NAMES if any(m in r for r in rows)]
+
+
 def summarize(rows: Sequence[Mapping], label_names: Mapping[int, str]) -> dict:
     """Summary of per-case rows: per class and metric the mean/std/median over defined values, the number
-    of cases where it was undefined, and the overall mean Dice over foreground classes."""
+    of cases where it was undefined, the overall mean Dice over foreground classes and, under
+    ``"case_metrics"``, the same statistics of whole-case measures (pixel/Rand error) when scored."""
     classes: dict = {}
     for value, name in sorted(label_names.items()):
         if int(value) == 0:
             continue
-        per_metric = {}
-        for m in METRIC_NAMES:
-            key = f"{m}_{name}"
-            vals = np.array([float(r[key]) for r in rows if key in r], dtype=float)
-            ok = vals[np.isfinite(vals)]
-            per_metric[m] = {
-                "mean": float(ok.mean()) if ok.size else None,
-                "std": float(ok.std()) if ok.size else None,
-                "median": float(np.median(ok)) if ok.size else None,
-                "n": int(ok.size),
-                "n_undefined": int(vals.size - ok.size),
-            }
-        classes[name] = per_metric
+        classes[name] = {m: _stats(rows, f"{m}_{name}") for m in METRIC_NAMES}
     means = [float(r["mean_dice"]) for r in rows if math.isfinite(float(r.get("mean_dice", math.nan)))]
     ordered = sorted((r for r in rows if math.isfinite(float(r.get("mean_dice", math.nan)))),
                      key=lambda r: float(r["mean_dice"]))
@@ -100,6 +107,7 @@ def summarize(rows: Sequence[Mapping], label_names: Mapping[int, str]) -> dict:
         "n_cases": len(rows),
         "mean_dice": float(np.mean(means)) if means else None,
         "classes": classes,
+        "case_metrics": {m: _stats(rows, m) for m in _case_metric_names(rows)},
         "worst_cases": [r["case"] for r in ordered[:3]],
         "best_cases": [r["case"] for r in ordered[::-1][:3]],
     }
@@ -119,8 +127,8 @@ def write_report(rows: list[dict], label_names: Mapping[int, str], output_dir: s
         the summary dict (also written as ``summary.json``), with ``"files"`` listing what was written.
     """
     out = Path(output_dir)
-    columns = ["case", "mean_dice"] + [f"{m}_{n}" for v, n in sorted(label_names.items()) if int(v) != 0
-                                       for m in METRIC_NAMES]
+    columns = ["case", "mean_dice"] + _case_metric_names(rows) + [
+        f"{m}_{n}" for v, n in sorted(label_names.items()) if int(v) != 0 for m in METRIC_NAMES]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", restval="")
     writer.writeheader()
@@ -146,7 +154,7 @@ def write_report(rows: list[dict], label_names: Mapping[int, str], output_dir: s
 
 def results_table(summary: Mapping) -> str:
     """A Markdown table of a :func:`summarize` result: mean (± std) Dice and HD95 per class, then the
-    mean over classes."""
+    mean over classes; then the whole-case measures (pixel/Rand error) when they were scored."""
 
     def cell(stats, digits):
         if not stats or stats.get("mean") is None or not math.isfinite(float(stats["mean"])):
@@ -165,5 +173,10 @@ def results_table(summary: Mapping) -> str:
     hd_text = f"{sum(hd) / len(hd):.2f}" if hd else "–"
     lines.append(f"| **mean** | **{mean_text}** | {hd_text} |")
     lines.append("")
+    case_metrics = summary.get("case_metrics") or {}
+    if case_metrics:
+        lines += ["| measure (per case) | mean ± std |", "|---|---|"]
+        lines += [f"| {name.replace('_', ' ')} | {cell(stats, 4)} |" for name, stats in case_metrics.items()]
+        lines.append("")
     lines.append(f"{summary.get('n_cases', 0)} case(s) scored, {len(summary.get('failed') or [])} failed.")
     return "\n".join(lines) + "\n"

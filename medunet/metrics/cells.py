@@ -1,0 +1,116 @@
+"""The ISBI 2012 EM challenge's measures for 2D cell/membrane segmentations: pixel error and Rand error.
+
+Both compare an integer label map predicted for a 2D image with its reference, ``(*S)`` each, where
+value 0 is the background between cells (the membrane in EM) and values > 0 are cell classes:
+
+* **pixel error** — the fraction of pixels whose predicted class differs from the reference.
+* **Rand error** — 1 − the adapted Rand F-score (Arganda-Carreras et al., Front. Neuroanat. 2015)
+  between the *segments* of prediction and reference: the connected components of each cell class
+  (4-connectivity in 2D). Pixels that are background in the reference are left out; where the
+  prediction says background inside a reference cell, those pixels form one more predicted segment
+  (``predicted_background="segment"``) or each pixel its own (``"singletons"``, as the SNEMI3D script
+  and CREMI's Python port count them).
+
+With ``p_ij`` the number of (reference-foreground) pixels in reference segment ``i`` and predicted
+segment ``j``, ``a_i = Σ_j p_ij`` and ``b_j = Σ_i p_ij``: Rand precision ``Σ p_ij² / Σ b_j²`` (low when
+segments are merged), recall ``Σ p_ij² / Σ a_i²`` (low when they are split), F = 2PR / (P + R).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from scipy import ndimage, sparse
+
+__all__ = ["CELL_METRIC_NAMES", "pixel_error", "cell_segments", "adapted_rand", "rand_error", "cell_metrics"]
+
+#: case-level measures :func:`cell_metrics` computes (names as in the evaluation report)
+CELL_METRIC_NAMES = ("pixel_error", "rand_error")
+
+
+def _labels(x) -> np.ndarray:
+    return np.rint(np.asarray(x)).astype(np.int64)
+
+
+def pixel_error(pred, label) -> float:
+    """Fraction of pixels whose class differs between ``pred`` and ``label`` (integer maps, same shape)."""
+    p, g = _labels(pred), _labels(label)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {p.shape} and reference {g.shape} differ in shape")
+    return float(np.mean(p != g)) if p.size else 0.0
+
+
+def cell_segments(label, connectivity: int = 1) -> np.ndarray:
+    """Segments of a semantic map ``(*S)``: the connected components of each value > 0, numbered
+    1…n over all values (0 stays 0). ``connectivity`` 1: faces only (4-neighbours in 2D)."""
+    lab = _labels(label)
+    structure = ndimage.generate_binary_structure(lab.ndim, connectivity)
+    out = np.zeros(lab.shape, dtype=np.int64)
+    offset = 0
+    for value in np.unique(lab[lab > 0]):
+        comps, n = ndimage.label(lab == value, structure=structure)
+        out[comps > 0] = comps[comps > 0] + offset
+        offset += n
+    return out
+
+
+def adapted_rand(pred_segments, true_segments, predicted_background: str = "segment") -> tuple[float, float, float]:
+    """Adapted Rand error of two segmentations (instance maps, 0 = background, same shape).
+
+    Args:
+        pred_segments: predicted segment ids ``(*S)``.
+        true_segments: reference segment ids ``(*S)``; its background pixels (0) are not scored.
+        predicted_background: ``"segment"`` (predicted background pixels inside reference segments are
+            one segment) or ``"singletons"`` (each such pixel is a segment of its own).
+
+    Returns:
+        ``(error, precision, recall)``, error = 1 − F-score; ``(0, 1, 1)`` when the reference has no
+        foreground.
+    """
+    if predicted_background not in ("segment", "singletons"):
+        raise ValueError(f"predicted_background must be 'segment' or 'singletons', got {predicted_background!r}")
+    p, g = _labels(pred_segments).ravel(), _labels(true_segments).ravel()
+    if p.shape != g.shape:
+        raise ValueError(f"segmentations differ in size: {p.size} vs {g.size} pixels")
+    scored = g > 0
+    p, g = p[scored], g[scored]
+    if g.size == 0:
+        return 0.0, 1.0, 1.0
+    _, g = np.unique(g, return_inverse=True)
+    sum_true = float(np.sum(np.bincount(g).astype(np.float64) ** 2))  # Σ a_i²
+    singles = 0.0
+    if predicted_background == "singletons":  # each such pixel adds 1² to Σ p_ij² and to Σ b_j²
+        singles = float(np.count_nonzero(p == 0))
+        g, p = g[p > 0], p[p > 0]
+    _, p = np.unique(p, return_inverse=True)
+    table = sparse.coo_matrix((np.ones(p.size), (g, p)), shape=(int(g.max(initial=-1)) + 1,
+                                                                 int(p.max(initial=-1)) + 1)).tocsr()
+    sum_ij = float(np.sum(table.data.astype(np.float64) ** 2)) + singles
+    sum_pred = float(np.sum(np.asarray(table.sum(axis=0), dtype=np.float64) ** 2)) + singles
+    precision = sum_ij / sum_pred if sum_pred else 1.0
+    recall = sum_ij / sum_true if sum_true else 1.0
+    f = 2.0 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return 1.0 - f, precision, recall
+
+
+def rand_error(pred, label, connectivity: int = 1, predicted_background: str = "segment") -> float:
+    """1 − adapted Rand F-score between the cell segments (:func:`cell_segments`) of a predicted and a
+    reference semantic map ``(*S)``; reference background pixels ignored (see the module docstring)."""
+    p, g = _labels(pred), _labels(label)
+    if p.shape != g.shape:
+        raise ValueError(f"prediction {p.shape} and reference {g.shape} differ in shape")
+    return adapted_rand(cell_segments(p, connectivity), cell_segments(g, connectivity), predicted_background)[0]
+
+
+def cell_metrics(pred, label, names: Sequence[str] = CELL_METRIC_NAMES) -> dict[str, float]:
+    """``{name: value}`` for the requested :data:`CELL_METRIC_NAMES` of one case."""
+    unknown = [n for n in names if n not in CELL_METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"unknown cell metrics {unknown}; choose from {CELL_METRIC_NAMES}")
+    out = {}
+    if "pixel_error" in names:
+        out["pixel_error"] = pixel_error(pred, label)
+    if "rand_error" in names:
+        out["rand_error"] = rand_error(pred, label)
+    return out

@@ -1,0 +1,96 @@
+"""The EM challenge's pixel and Rand errors against label pairs small enough to count by hand, and their
+place in the evaluation report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from medunet.metrics import adapted_rand, pixel_error, rand_error, summarize, write_report
+from medunet.metrics.cells import cell_metrics, cell_segments
+
+# reference: two cells (value 1) separated by one membrane pixel (value 0)
+REF = np.array([[1, 1, 0, 1, 1]])
+
+
+def test_pixel_error_counts_misclassified_pixels():
+    assert pixel_error(REF, REF) == 0.0
+    assert pixel_error(np.array([[1, 0, 0, 1, 1]]), REF) == pytest.approx(1 / 5)
+    assert pixel_error(1 - REF, REF) == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        pixel_error(REF, REF.T)
+
+
+def test_segments_are_four_connected_components():
+    diagonal = np.array([[1, 0], [0, 1]])
+    assert cell_segments(diagonal).max() == 2  # touching at a corner only: two cells
+    assert cell_segments(np.array([[1, 1], [0, 1]])).max() == 1
+
+
+def test_rand_error_of_a_merge():
+    # the gap is missed: one predicted segment of 4 scored pixels over two reference cells of 2.
+    # sum p_ij^2 = 2^2 + 2^2 = 8, sum a_i^2 = 8, sum b_j^2 = 4^2 = 16 -> P = 1/2, R = 1, F = 2/3
+    error, precision, recall = adapted_rand(cell_segments([[1, 1, 1, 1, 1]]), cell_segments(REF))
+    assert (precision, recall) == pytest.approx((0.5, 1.0))
+    assert error == pytest.approx(1 / 3)
+    assert rand_error(np.ones((1, 5), int), REF) == pytest.approx(1 / 3)
+
+
+def test_rand_error_of_a_split_by_predicted_membrane():
+    # pixel 1 (a cell pixel) predicted membrane: it is one more predicted segment; pixel 2 is membrane
+    # in the reference and not scored. p_ij: 1 (cell A, seg {0}), 1 (A, membrane), 2 (B, seg {3,4})
+    # sum p^2 = 6, sum a^2 = 8, sum b^2 = 6 -> P = 1, R = 3/4, F = 6/7
+    pred = np.array([[1, 0, 0, 1, 1]])
+    assert rand_error(pred, REF) == pytest.approx(1 / 7)
+    assert rand_error(REF, REF) == 0.0
+
+
+def test_predicted_membrane_as_one_segment_or_as_singletons():
+    ref = np.array([[1, 1, 1, 1, 0, 1, 1]])         # cells A (4 px), B (2 px)
+    pred = np.array([[1, 0, 1, 0, 0, 1, 1]])        # A cut at pixels 1 and 3
+    true_seg, pred_seg = cell_segments(ref), cell_segments(pred)
+    # one membrane segment M = {1, 3} (both in A): p_ij = A∩{0}:1, A∩M:2, A∩{2}:1, B∩{5,6}:2
+    # sum p^2 = 1+4+1+4 = 10, sum a^2 = 16+4 = 20, sum b^2 = 1+4+1+4 = 10 -> P = 1, R = 1/2, F = 2/3
+    err, p, r = adapted_rand(pred_seg, true_seg, "segment")
+    assert (err, p, r) == pytest.approx((1 / 3, 1.0, 0.5))
+    # singletons: pixels 1 and 3 each alone: sum p^2 = 1+1+1+1+4 = 8, sum b^2 = 8 -> P = 1, R = 2/5
+    err, p, r = adapted_rand(pred_seg, true_seg, "singletons")
+    assert (p, r) == pytest.approx((1.0, 0.4))
+    assert err == pytest.approx(1 - 2 * 0.4 / 1.4)
+    with pytest.raises(ValueError, match="predicted_background"):
+        adapted_rand(pred_seg, true_seg, "ignore")
+
+
+def test_rand_error_ignores_reference_membrane_and_has_no_foreground_case():
+    # the last pixel is membrane in the reference: predicting it as cell (joined to the cell) costs no
+    # Rand error, though it is a pixel error
+    ref = np.array([[1, 1, 0]])
+    assert rand_error(np.array([[1, 1, 1]]), ref) == 0.0
+    assert pixel_error(np.array([[1, 1, 1]]), ref) == pytest.approx(1 / 3)
+    # but a membrane pixel predicted as cell that merges two reference cells does
+    two = np.array([[1, 0, 1]])
+    assert rand_error(np.array([[1, 0, 1]]), two) == 0.0
+    assert rand_error(np.array([[1, 1, 1]]), two) == pytest.approx(1 / 3)  # P = 2/4, R = 1
+    assert adapted_rand(np.ones((2, 2)), np.zeros((2, 2))) == (0.0, 1.0, 1.0)
+
+
+def test_cell_metrics_names_and_report(tmp_path):
+    pred = np.array([[1, 0, 0, 1, 1]])
+    row = cell_metrics(pred, REF)
+    assert row == pytest.approx({"pixel_error": 0.2, "rand_error": 1 / 7})
+    with pytest.raises(ValueError, match="warping"):
+        cell_metrics(pred, REF, ["warping_error"])
+    rows = [{"case": "a", "mean_dice": 0.9, **row}, {"case": "b", "mean_dice": 0.8, "pixel_error": 0.0,
+                                                      "rand_error": 0.0}]
+    summary = summarize(rows, {0: "membrane", 1: "cell"})
+    assert summary["case_metrics"]["pixel_error"]["mean"] == pytest.approx(0.1)
+    assert summary["case_metrics"]["rand_error"]["n"] == 2
+    written = write_report(rows, {0: "membrane", 1: "cell"}, tmp_path)
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[:4] == ["case", "mean_dice", "pixel_error", "rand_error"]
+    assert "rand error" in (tmp_path / "results.md").read_text()
+    assert json.loads((tmp_path / "summary.json").read_text())["case_metrics"] == written["case_metrics"]
+    # without cell measures there are no case measures in the summary
+    assert summarize([{"case": "c", "mean_dice": 1.0}], {0: "bg", 1: "fg"})["case_metrics"] == {}
