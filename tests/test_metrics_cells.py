@@ -1,5 +1,5 @@
-"""The EM challenge's pixel and Rand errors against label pairs small enough to count by hand, and their
-place in the evaluation report."""
+"""The EM challenge's pixel, Rand and warping errors against label pairs small enough to count by hand,
+and their place in the evaluation report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medunet.metrics import adapted_rand, pixel_error, rand_error, summarize, write_report
-from medunet.metrics.cells import cell_metrics, cell_segments
+from medunet.metrics.cells import cell_metrics, cell_segments, simple_pixels, warping_error
 
 # reference: two cells (value 1) separated by one membrane pixel (value 0)
 REF = np.array([[1, 1, 0, 1, 1]])
@@ -76,12 +76,44 @@ def test_rand_error_ignores_reference_membrane_and_has_no_foreground_case():
     assert adapted_rand(np.ones((2, 2)), np.zeros((2, 2))) == (0.0, 1.0, 1.0)
 
 
+def test_simple_pixels():
+    cells = np.zeros((5, 5), bool)
+    cells[1:4, 1:4] = True
+    simple = simple_pixels(cells)
+    assert simple[1, 1] and simple[1, 2]  # removing a corner or an edge pixel keeps one cell, no hole
+    assert not simple[2, 2]  # removing the centre would open a hole
+    assert not simple[0, 0]  # adding a pixel that touches the cell at a corner only: a new 4-component
+    assert simple[0, 1]  # adding one on an edge just grows the cell
+    bridge = np.zeros((3, 5), bool)
+    bridge[:, :2] = bridge[:, 3:] = True
+    assert not simple_pixels(bridge)[1, 2]  # filling the gap would merge two cells
+
+
+def test_warping_error_counts_topology_errors_only():
+    ref = np.ones((9, 9), int)
+    ref[:, 4] = 0  # two cells, a vertical gap from border to border
+    shifted = np.ones((9, 9), int)
+    shifted[:, 5] = 0  # the gap one pixel to the right: 18 pixel errors, no topological one
+    assert pixel_error(shifted, ref) == pytest.approx(18 / 81)
+    assert warping_error(shifted, ref) == 0.0
+    assert warping_error(ref, ref) == 0.0
+    # the gap missed: the two cells merge; the warped reference must keep its gap of 9 pixels
+    assert warping_error(np.ones((9, 9), int), ref) == pytest.approx(9 / 81)
+    # a horizontal cut splits each cell; of each cut's 4 pixels one must stay in the warped reference
+    cut = ref.copy()
+    cut[4, :] = 0
+    assert warping_error(cut, ref) == pytest.approx(2 / 81)
+    with pytest.raises(ValueError, match="2D"):
+        warping_error(np.ones((2, 2, 2)), np.ones((2, 2, 2)))
+
+
 def test_cell_metrics_names_and_report(tmp_path):
     pred = np.array([[1, 0, 0, 1, 1]])
-    row = cell_metrics(pred, REF)
+    row = cell_metrics(pred, REF, ["pixel_error", "rand_error"])
     assert row == pytest.approx({"pixel_error": 0.2, "rand_error": 1 / 7})
-    with pytest.raises(ValueError, match="warping"):
-        cell_metrics(pred, REF, ["warping_error"])
+    assert set(cell_metrics(pred, REF)) == {"pixel_error", "rand_error", "warping_error"}
+    with pytest.raises(ValueError, match="unknown"):
+        cell_metrics(pred, REF, ["variation_of_information"])
     rows = [{"case": "a", "mean_dice": 0.9, **row}, {"case": "b", "mean_dice": 0.8, "pixel_error": 0.0,
                                                       "rand_error": 0.0}]
     summary = summarize(rows, {0: "membrane", 1: "cell"})

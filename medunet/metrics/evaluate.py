@@ -105,7 +105,7 @@ def score_prediction(pred_label: np.ndarray, image: ImageData, label: ImageData,
         label: the reference; it must share the image's grid (shape and affine), else the case is refused.
         label_names: class value → name (0 = background, not scored).
         metrics: per-class :data:`~medunet.metrics.METRIC_NAMES` and whole-case
-            :data:`~medunet.metrics.cells.CELL_METRIC_NAMES` (``"pixel_error"``, ``"rand_error"``).
+            :data:`~medunet.metrics.cells.CELL_METRIC_NAMES` (``"pixel_error"``, ``"rand_error"``, ``"warping_error"``).
 
     Returns:
         ``{"mean_dice", "<metric>_<name>"..., "<case metric>"..., "metrics": {class: {metric: value}}}``;
@@ -166,7 +166,7 @@ def evaluate_files(
         label_names: class value → name; default the predictor's ``plan.label_names``.
         tolerance_mm: surface-Dice tolerance (one value or one per foreground class).
         metrics: any of ``"dice"``, ``"hd95"``, ``"surface_dice"`` (per class) and ``"pixel_error"``,
-            ``"rand_error"`` (per case, :mod:`medunet.metrics.cells`).
+            ``"rand_error"``, ``"warping_error"`` (per case, :mod:`medunet.metrics.cells`).
         n_overlays: how many best and worst cases get an overlay.
         log: called with one line per case that fails (default: a logging warning); the others go on.
 
