@@ -95,7 +95,20 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="CT models: predict only inside the body's bounding box (HU > -500, plus a margin); "
                         "background outside")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--format", dest="formats", type=_formats_arg, default=("nifti",), metavar="FORMATS",
+                   help="label outputs, comma-separated: nifti (default; <id>_seg.nii.gz), dicom-seg "
+                        "(<id>_seg.dcm) and/or rtstruct (<id>_rtstruct.dcm); the DICOM ones need DICOM series "
+                        "inputs and reference them")
     p.set_defaults(func=_run_segment)
+
+
+def _formats_arg(value: str) -> tuple[str, ...]:
+    from medunet.io.dicom.outputs import parse_formats
+
+    try:
+        return parse_formats(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--format ")) from None
 
 
 def _run_segment(args: argparse.Namespace) -> int:
@@ -120,9 +133,49 @@ def _run_segment(args: argparse.Namespace) -> int:
     uncertainty = {"auto": True, None: False}.get(args.uncertainty, args.uncertainty)
 
     results = segment_inputs(predictor, args.input, args.output, overwrite=args.overwrite,
-                             save_probabilities=args.save_probabilities, uncertainty=uncertainty)
+                             save_probabilities=args.save_probabilities, uncertainty=uncertainty,
+                             formats=args.formats)
     n_failed = sum(r.failed for r in results)  # skipped cases (all outputs exist) are done, not failed
     return batch_exit_code(sum(r.done for r in results), n_failed)  # hidden entries ignored: neither
+
+
+# --------------------------------------------------------------------------------------------------
+# medunet import-dicom
+@command
+def _add_import_dicom(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "import-dicom", help="DICOM CT series + RTSTRUCT or DICOM SEG → MSD dataset (imagesTr, labelsTr, dataset.json)",
+        description="Turn one patient folder, or a folder of patient folders, each holding one image series and "
+                    "an RTSTRUCT or DICOM SEG (found by SOP class, anywhere below the patient folder), into an MSD "
+                    "dataset in the series' exact geometry. ROI i of --roi becomes label i. A bad patient costs "
+                    "one line; the others go on. Exit status 0 all ok, 3 some failed, 1 all failed.")
+    p.add_argument("src", help="patient folder or folder of patient folders")
+    p.add_argument("dst", help="dataset folder to write (an earlier import with the same labels is extended)")
+    p.add_argument("--roi", required=True, metavar="NAME[=LABEL][,NAME...]",
+                   help="ROI / segment names, matched case-insensitively; NAME=LABEL names the class in dataset.json")
+    p.add_argument("--name", help="dataset name in dataset.json (default: the folder's name)")
+    p.set_defaults(func=_run_import_dicom)
+
+
+def _run_import_dicom(args: argparse.Namespace) -> int:
+    from medunet.io.dicom import import_dicom
+
+    def report(case_id: str, error: str | None, case) -> None:
+        if error:
+            print(f"medunet import-dicom: failed: {error}", file=sys.stderr, flush=True)
+            return
+        rois = ", ".join(f"{v} {n}" for v, n in case.labels.items())
+        print(f"  {case_id}  {'x'.join(map(str, case.image.spatial_shape))}  "
+              f"{'x'.join(f'{s:.3g}' for s in case.image.spacing)} mm  {rois}  "
+              f"({int((case.label > 0).sum())} voxels)", flush=True)
+        for note in case.warnings:
+            print(f"medunet import-dicom: warning: {case_id}: {note}", file=sys.stderr, flush=True)
+
+    result = import_dicom(args.src, args.dst, args.roi, on_case=report, name=args.name)
+    total = len(result.ok) + len(result.failed)
+    print(f"{len(result.ok)}/{total} patient(s) imported into {result.dst}"
+          + (f" ({result.dataset_json})" if result.dataset_json else ""))
+    return batch_exit_code(len(result.ok), len(result.failed))
 
 
 # --------------------------------------------------------------------------------------------------

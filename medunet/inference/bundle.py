@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
@@ -69,11 +69,13 @@ def segment_inputs(
     uncertainty: bool | str = False,
     prefix: str = "medunet segment",
     stream: TextIO | None = None,
+    formats: Sequence[str] | str = ("nifti",),
 ) -> list[SegmentResult]:
     """:meth:`Predictor.segment` with one line per failed or skipped input on stderr and the summary
     table on stdout (what ``medunet segment`` and ``inferring`` print).
 
-    Writes ``<output_dir>/<id>_seg.nii.gz`` (``.png`` for 2D image inputs) per input, atomically.
+    Writes ``<output_dir>/<id>_seg.nii.gz`` (``.png`` for 2D image inputs) per input, atomically, and
+    for DICOM inputs ``<id>_seg.dcm`` / ``<id>_rtstruct.dcm`` as ``formats`` asks.
     """
     from tqdm.auto import tqdm
 
@@ -85,7 +87,7 @@ def segment_inputs(
             tqdm.write(f"{prefix}: {line}", file=stream or sys.stderr)
 
     results = predictor.segment(inputs, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
-                                uncertainty=uncertainty, report=report)
+                                uncertainty=uncertainty, report=report, formats=formats)
     print(summary_table(results), flush=True)
     return results
 

@@ -344,6 +344,7 @@ class Predictor:
         save_probabilities: bool = False,
         uncertainty: bool | str = False,
         report: Callable[[SegmentResult], None] | None = None,
+        formats: Sequence[str] | str = ("nifti",),
     ) -> list[SegmentResult]:
         """Segment a file, a folder of images, a DICOM series folder, or a list of those.
 
@@ -357,7 +358,14 @@ class Predictor:
         reason (:func:`scan_inputs`), whatever goes wrong reading, predicting or writing one input
         fails that input alone, and outputs that cannot be written (folder not writable, a folder
         where a file must go, a name too long) fail their input before it is read or predicted.
+
+        ``formats`` (``nifti``, ``dicom-seg``, ``rtstruct``) says which label files: for a DICOM series
+        input ``dicom-seg`` / ``rtstruct`` write ``<id>_seg.dcm`` / ``<id>_rtstruct.dcm`` referencing it
+        (:mod:`medunet.io.dicom.outputs`).
         """
+        from medunet.io.dicom.outputs import parse_formats
+
+        formats = parse_formats(formats)
         kind = None
         if uncertainty:
             kind = uncertainty if isinstance(uncertainty, str) else ("variance" if self.tta else "entropy")
@@ -380,7 +388,8 @@ class Predictor:
                 report(results[-1])
         folder_problem = None
         if overwrite or any(not o.is_file() for path in paths
-                            for o in output_paths(path, out_dir, save_probabilities, kind is not None).values()):
+                            for o in output_paths(path, out_dir, save_probabilities, kind is not None,
+                                                  formats).values()):
             folder_problem = output_folder_problem(out_dir)  # before any input is read or predicted
         inputs_resolved = frozenset(_resolved(path) for path in paths)
         claimed: dict[Path, str] = {}
@@ -392,7 +401,7 @@ class Predictor:
         try:
             for path in iterator:
                 result = self._segment_one(path, out_dir, overwrite, save_probabilities, kind is not None, claimed,
-                                           folder_problem, inputs_resolved)
+                                           folder_problem, inputs_resolved, formats)
                 results.append(result)
                 if report:
                     report(result)
@@ -402,14 +411,16 @@ class Predictor:
 
     def _segment_one(self, path: Path, out_dir: Path, overwrite: bool, save_probabilities: bool,
                      save_uncertainty: bool, claimed: dict[Path, str], folder_problem: str | None = None,
-                     inputs: frozenset[Path] = frozenset()) -> SegmentResult:
+                     inputs: frozenset[Path] = frozenset(), formats: Sequence[str] = ("nifti",)) -> SegmentResult:
         """One input of :meth:`segment`: outputs checked, read, predicted, written; never raises
         (but for KeyboardInterrupt): any failure becomes this input's one-line ``"failed"`` result."""
         start = time.perf_counter()
-        outs = output_paths(path, out_dir, save_probabilities, save_uncertainty)
+        from medunet.io.dicom.outputs import DICOM_FORMATS, build_dicom_outputs, write_dicom_outputs
+
+        outs = output_paths(path, out_dir, save_probabilities, save_uncertainty, formats)
         clash = next((claimed[p] for p in outs.values() if p in claimed), None)
         if clash is not None:
-            return SegmentResult(str(path), "failed", message=f"{path}: output name {outs['label'].name} "
+            return SegmentResult(str(path), "failed", message=f"{path}: output name {next(iter(outs.values())).name} "
                                  f"collides with that of {clash}; rename one of them")
         for p in outs.values():
             claimed[p] = str(path)
@@ -437,9 +448,13 @@ class Predictor:
         stage, target = "reading", None
         try:
             image = read_image(path)
+            dicom_todo = [f for f in DICOM_FORMATS if f in todo]
+            if dicom_todo and image.source != "dicom":
+                raise InputError(path, f"--format {','.join(dicom_todo)} needs a DICOM series input (use --format nifti)")
             stage = "predicting"
             pred = self.predict_image(image)
             stage = "writing"
+            dicom = build_dicom_outputs(pred.label, image, dicom_todo, self.plan.labels)  # all built before any write
             out_dir.mkdir(parents=True, exist_ok=True)
             if "label" in todo:
                 target = outs["label"]
@@ -451,6 +466,9 @@ class Predictor:
             if "uncertainty" in todo:
                 target = outs["uncertainty"]
                 write_nifti(pred.uncertainty, image.affine, target, header=image.header, dtype=np.float32)
+            for fmt in dicom:
+                target = todo[fmt]
+                write_dicom_outputs({fmt: dicom[fmt]}, todo)
         except InputError as e:
             return failed(str(e) if e.path else f"{path}: {e.reason}")
         except MemoryError:
@@ -495,12 +513,17 @@ def body_box(x: torch.Tensor, threshold: float = -500.0, margin: int = 16, facto
 
 
 def output_paths(path: str | os.PathLike, out_dir: str | os.PathLike, probabilities: bool = False,
-                 uncertainty: bool = False) -> dict[str, Path]:
-    """Where :meth:`Predictor.segment` writes the outputs for ``path``."""
+                 uncertainty: bool = False, formats: Sequence[str] | str = ("nifti",)) -> dict[str, Path]:
+    """Where :meth:`Predictor.segment` writes the outputs for ``path`` (``formats``: see
+    :func:`medunet.io.dicom.outputs.parse_formats`)."""
+    from medunet.io.dicom.outputs import dicom_output_names, parse_formats
+
     out_dir = Path(out_dir)
     case = image_id(path)
     label_ext = ".png" if is_2d_image(path) else ".nii.gz"
-    outs = {"label": out_dir / f"{case}_seg{label_ext}"}
+    formats = parse_formats(formats)
+    outs = {"label": out_dir / f"{case}_seg{label_ext}"} if "nifti" in formats else {}
+    outs.update(dicom_output_names(case, out_dir, formats))
     if probabilities:
         outs["probabilities"] = out_dir / f"{case}_probabilities.nii.gz"
     if uncertainty:

@@ -357,8 +357,18 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> ImageData:
         raise InputError(folder, f"cannot scan for DICOM series ({e})") from None
     if not series:
         raise InputError(folder, "no DICOM series found in folder")
+    if len(series) > 1:  # a DICOM SEG, RT dose or similar beside the slices is not a second image series
+        series = tuple(uid for uid in series
+                       if _dicom_modality(reader.GetGDCMSeriesFileNames(str(folder), uid)) not in _NON_IMAGE_MODALITIES)
+        if not series:
+            raise InputError(folder, "no image series in folder (only DICOM SEG / RT objects)")
     if len(series) > 1:
-        raise InputError(folder, f"holds {len(series)} DICOM series; give one series per folder")
+        counts = []
+        for uid in series[:3]:
+            names = reader.GetGDCMSeriesFileNames(str(folder), uid)
+            counts.append(f"{uid}: {len(names)} file(s), e.g. {Path(names[0]).name}" if names else uid)
+        raise InputError(folder, f"holds {len(series)} DICOM series mixed in one folder ({'; '.join(counts)}); "
+                                 "give one series per folder")
     files = reader.GetGDCMSeriesFileNames(str(folder), series[0])
     if len(files) < 2:
         raise InputError(folder, f"DICOM series has {len(files)} slice(s); need a 3D series")
@@ -373,6 +383,7 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> ImageData:
         raise InputError(folder, f"unreadable DICOM series ({' '.join(str(e).split())[:200]})") from None
     finally:
         sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+    _check_dicom_orientation(reader, files, folder)
     _check_dicom_slice_spacing(reader, files, folder)
     array = sitk.GetArrayFromImage(img)  # (z, y, x), (z, y, x, c) for colour
     array = scalar_voxels(array, folder, channel_axis=-1 if img.GetNumberOfComponentsPerPixel() > 1 else None)
@@ -388,8 +399,47 @@ def read_dicom_series(folder: str | os.PathLike, dtype=np.float32) -> ImageData:
                      meta={"files": list(files)})
 
 
+#: DICOM modalities that are never the image series to read (segmentations, RT objects, reports)
+_NON_IMAGE_MODALITIES = frozenset({"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "RTRECORD", "RTIMAGE", "SR", "PR", "KO",
+                                   "REG", "DOC"})
+
+
+def _dicom_modality(files) -> str:
+    """Modality (0008,0060) of a series' first file, from its header ('' when unreadable)."""
+    import SimpleITK as sitk
+
+    if not files:
+        return ""
+    r = sitk.ImageFileReader()
+    r.SetFileName(str(files[0]))
+    try:
+        r.ReadImageInformation()
+    except RuntimeError:
+        return ""
+    return r.GetMetaData("0008|0060").strip().upper() if r.HasMetaDataKey("0008|0060") else ""
+
+
+def _check_dicom_orientation(reader, files, folder: Path) -> None:
+    """Every slice of a series must share one orientation (ImageOrientationPatient)."""
+    first = None
+    for i in range(len(files)):
+        if not reader.HasMetaDataKey(i, "0020|0037"):
+            continue
+        try:
+            iop = np.asarray([float(v) for v in reader.GetMetaData(i, "0020|0037").split("\\")], dtype=np.float64)
+        except ValueError:
+            raise InputError(files[i], "unreadable ImageOrientationPatient") from None
+        if first is None:
+            first = (iop, i)
+        elif iop.shape != first[0].shape or np.max(np.abs(iop - first[0])) > 1e-4:
+            raise InputError(files[i], f"slice orientation {np.round(iop, 4).tolist()} differs from "
+                                       f"{Path(files[first[1]]).name}'s {np.round(first[0], 4).tolist()} "
+                                       "(slices with different orientation in one series)")
+
+
 def _check_dicom_slice_spacing(reader, files, folder: Path) -> None:
-    """A missing slice shows up as one gap twice the others along the slice normal."""
+    """A missing slice shows up as one gap twice the others along the slice normal; a duplicated slice
+    as a gap of zero (two files at one position)."""
     positions = []
     for i in range(len(files)):
         if reader.HasMetaDataKey(i, "0020|0032"):
@@ -397,20 +447,37 @@ def _check_dicom_slice_spacing(reader, files, folder: Path) -> None:
                 positions.append([float(v) for v in reader.GetMetaData(i, "0020|0032").split("\\")])
             except ValueError:
                 return
-    if len(positions) < 3:
+    if len(positions) != len(files) or len(positions) < 2:
         return
     p = np.asarray(positions)
+    name = [Path(f).name for f in files]
+    # along the slice normal (GDCM falls back to file-name order when two slices share a position)
+    normal = None
+    if reader.HasMetaDataKey(0, "0020|0037"):
+        with contextlib.suppress(ValueError):
+            iop = [float(v) for v in reader.GetMetaData(0, "0020|0037").split("\\")]
+            normal = np.cross(iop[:3], iop[3:6]) if len(iop) == 6 else None
+    depth = p @ normal if normal is not None and np.linalg.norm(normal) > 0.5 else np.linalg.norm(p - p[0], axis=1)
+    order = np.argsort(depth, kind="stable")
+    same = np.flatnonzero(np.linalg.norm(np.diff(p[order], axis=0), axis=1) <= 1e-4)
+    if same.size:
+        a, b = int(order[same[0]]), int(order[same[0] + 1])
+        raise InputError(files[max(a, b)], f"duplicate slice: same position {np.round(p[a], 3).tolist()} as "
+                                           f"{name[min(a, b)]} ({same.size} duplicate(s) in the series)")
     steps = np.linalg.norm(np.diff(p, axis=0), axis=1)
+    if len(positions) < 3:
+        return
     median = float(np.median(steps))
-    if median <= 0:
-        raise InputError(folder, "DICOM slices share one position (duplicate slices)")
     irregular = np.abs(steps - median) > 0.01 * median + 1e-4
     if np.any(irregular):
         where = int(np.argmax(irregular))
+        missing = steps[where] > median
+        what = (f"missing slice(s) between {name[where]} and {name[where + 1]}" if missing
+                else f"extra slice between {name[where]} and {name[where + 1]}")
         raise InputError(
             folder,
             f"irregular slice spacing: gap of {steps[where]:.3g} mm after slice {where + 1} "
-            f"(median {median:.3g} mm) — missing or duplicate slice",
+            f"(median {median:.3g} mm) — {what}",
         )
 
 
