@@ -27,6 +27,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.data.image_reader import ImageReader
 from monai.transforms import (
+    BorderPadd,
     Compose,
     CropForegroundd,
     DeleteItemsd,
@@ -303,7 +304,9 @@ def train_transforms(
     Steps: read (:class:`MedunetReader`) → channel-first → crop to the image's nonzero region →
     ``Orientationd(plan.orientation)`` → ``Spacingd(plan.target_spacing)`` (bilinear image, nearest
     label; skipped when the plan keeps native spacing) → :class:`NormalizeIntensityPland` → pad to the
-    patch (zeros; mirrored for valid-convolution networks such as ``unet2015``) → ``RandCropByPosNegLabeld(plan.patch_size)`` (whole image when the patch covers it) →
+    patch (zeros; for valid-convolution networks such as ``unet2015`` the image and label are first
+    mirrored by the network's margin on every side, the weight map zero-padded, so the output tile
+    reaches every pixel) → ``RandCropByPosNegLabeld(plan.patch_size)`` (whole image when the patch covers it) →
     (``augment``) elastic (optional) / affine rotation+scaling / rot90 / flips / noise / blur /
     brightness / shift / gamma.
 
@@ -349,9 +352,21 @@ def train_transforms(
     sample_patch = patch + [1] if dims == 2 else patch
     if dims == 2:
         steps.append(AddSliceAxisd(keys_l))
+    if uses_valid_convolutions(plan):
+        # valid convolutions: the output tile is smaller than the input by a margin. Mirror the image
+        # (and label) by that margin on every side, as the seed's overlap-tile does, so output tiles can
+        # land anywhere on the image, its border pixels included; the weight map is 0 in the mirrored
+        # band, so no pixel is counted twice
+        border = list(plan.build_network().input_margin(patch)) + ([0] if dims == 2 else [])
+        mirrored = [k for k in keys_l if k != "weight"]
+        steps += [BorderPadd(mirrored, spatial_border=border, mode="symmetric"),
+                  SpatialPadd(mirrored, spatial_size=sample_patch, mode="symmetric")]
+        if weight_map:
+            steps += [BorderPadd("weight", spatial_border=border, mode="constant"),
+                      SpatialPadd("weight", spatial_size=sample_patch, mode="constant")]
+    else:
+        steps.append(SpatialPadd(keys_l, spatial_size=sample_patch, mode="constant"))
     steps += [
-        # valid-convolution networks see context beyond the output tile: mirror it in, as the seed does
-        SpatialPadd(keys_l, spatial_size=sample_patch, mode="symmetric" if uses_valid_convolutions(plan) else "constant"),
         RandCropByPosNegLabeld(keys_l, label_key=label_key, spatial_size=sample_patch, pos=pos_neg[0],
                                neg=pos_neg[1], num_samples=num_samples, image_key=image_key,
                                allow_smaller=False),

@@ -30,6 +30,7 @@ from medunet.engines.workflow import (
     PHANTOM_KINDS,
     list_images,
     locate_bundle,
+    one_line_errors,
     parse_overrides,
     prepare_batch_with_weights,
     prepare_dataset,
@@ -46,4 +47,5 @@ __all__ = [
     "prepare_dataset", "resolve_plan", "trained_plan_file", "split_datalist", "list_images",
     "prepare_batch_with_weights", "PHANTOM_KINDS", "parse_overrides", "run_bundle_workflow",
     "distributed", "shared_handler", "DeepSupervisionDiceCE", "WeightedCrossEntropyLoss", "TrainStep", "TrainingBudget", "float32_norms", "poly_lr",
+    "one_line_errors",
 ]

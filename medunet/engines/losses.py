@@ -104,7 +104,8 @@ class WeightedCrossEntropyLoss(torch.nn.Module):
         if target.dim() == logits.dim() - 1:
             target = target.unsqueeze(1)
         target = center_crop_to(target, spatial)[:, 0].long()
-        ce = torch.nn.functional.cross_entropy(logits, target, reduction="none")  # (B, *S)
+        # scored in float32: bf16/fp16 autocast logits would round the loss and its gradient
+        ce = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")  # (B, *S)
         if weight is not None:
             if weight.dim() == logits.dim() - 1:
                 weight = weight.unsqueeze(1)

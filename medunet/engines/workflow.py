@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from medunet.engines.handlers import is_rank0
 __all__ = [
     "locate_bundle", "prepare_dataset", "resolve_plan", "trained_plan_file", "split_datalist",
     "prepare_batch_with_weights", "list_images", "PHANTOM_KINDS", "parse_overrides", "run_bundle_workflow",
-    "screen_datalist", "BundleConfigError", "explain_config_error",
+    "screen_datalist", "BundleConfigError", "explain_config_error", "one_line_errors",
 ]
 
 logger = logging.getLogger("medunet.engines")
@@ -80,11 +81,16 @@ def _barrier() -> None:
 
 def resolve_plan(plan_file: str | os.PathLike, dataset_dir: str | os.PathLike | None = None,
                  output_dir: str | os.PathLike | None = None, replan: bool = False,
-                 overrides: dict | None = None, defaults: dict | None = None, patch: str = "plan") -> Plan:
+                 overrides: dict | None = None, defaults: dict | None = None, patch: str = "plan",
+                 planner: dict | None = None) -> Plan:
     """The plan a run uses, written to ``output_dir/plan.json``.
 
     ``replan`` (or a missing ``plan_file``) plans from ``dataset_dir`` with
-    :func:`medunet.data.planning.plan_dataset`; otherwise ``plan_file`` is read. Then, in this order:
+    :func:`medunet.data.planning.plan_dataset` in the data's own dimensionality (dataset.json's
+    ``tensorImageSize``, else the images'), with ``planner`` as its keyword arguments (the bundle's
+    network, e.g. ``{"network": "unet2015", "network_options": {...}, "max_batch_size": 1}``);
+    otherwise ``plan_file`` is read. A dataset that cannot be planned raises
+    :class:`~medunet.io.InputError` naming ``dataset_dir`` (one line). Then, in this order:
 
     * ``defaults``: the bundle's own choices on top of the planner's (e.g. ``{"network": {"res_block":
       true, "deep_supervision": true}, "mirror_axes": [0]}``); deep supervision is fitted to the
@@ -101,10 +107,17 @@ def resolve_plan(plan_file: str | os.PathLike, dataset_dir: str | os.PathLike | 
         if dataset_dir is None:
             raise ValueError("resolve_plan: no plan file and no dataset to plan from")
         from medunet.data.planning import plan_dataset
+        from medunet.io import InputError
 
         why = "replan requested" if replan else f"no plan file at {plan_path}"
         logger.info("planning from %s (%s)", dataset_dir, why)
-        plan = plan_dataset(dataset_dir)
+        options = {"spatial_dims": None, **(planner or {})}
+        try:
+            plan = plan_dataset(dataset_dir, **options)
+        except InputError:
+            raise
+        except (ValueError, OSError) as e:  # NoUsableCases, a plan the data cannot have, unreadable folder
+            raise InputError(dataset_dir, f"cannot plan this dataset: {e}") from e
     else:
         plan = Plan.load(plan_path)
     if defaults:
@@ -357,3 +370,29 @@ def explain_config_error(exc: BaseException, config_files, overrides: dict | Non
         where = [str(p) for p in config_files]
     suggestion = f"; did you mean '@{hint}'?" if hint else ""
     return BundleConfigError(f"{', '.join(where)}: reference '@{ref}' is not defined in the config{suggestion}")
+
+
+def one_line_errors(debug_env: str = "MEDUNET_DEBUG") -> None:
+    """Make bad input end a ``python -m monai.bundle run ...`` process with one line, not a traceback.
+
+    Installs a ``sys.excepthook`` (once; bundle configs call this in ``initialize``): an uncaught
+    exception with a :class:`~medunet.io.InputError` on its chain (MONAI wraps what a config expression
+    raises in ``RuntimeError("Failed to evaluate ...")``) prints ``ERROR: <path>: <reason>`` on stderr;
+    the exit status stays 1. Any other exception, or any exception when the environment variable
+    ``debug_env`` is set, shows Python's traceback as usual.
+    """
+    previous = sys.excepthook
+    if getattr(previous, "_medunet_one_line", False):
+        return
+
+    def hook(kind, exc, tb):
+        from medunet.data.datasets import find_input_error
+
+        found = None if os.environ.get(debug_env) else find_input_error(exc)
+        if found is None:
+            previous(kind, exc, tb)
+            return
+        print(f"ERROR: {found}", file=sys.stderr, flush=True)
+
+    hook._medunet_one_line = True
+    sys.excepthook = hook
