@@ -480,7 +480,7 @@ class _Fitter:
 def plan_dataset(
     dataset_dir: str | os.PathLike | None = None,
     network: str = "dynunet",
-    spatial_dims: int = 3,
+    spatial_dims: int | None = 3,
     memory_budget_mb: float | None = None,
     gpu: bool = False,
     gflops_budget: float | None = None,
@@ -490,6 +490,7 @@ def plan_dataset(
     spacing: Sequence[float] | None = None,
     coarsen: bool | None = None,
     min_coverage: float = _MIN_COVERAGE,
+    network_options: dict | None = None,
 ) -> Plan:
     """nnU-Net-like configuration from a dataset fingerprint.
 
@@ -497,7 +498,8 @@ def plan_dataset(
         dataset_dir: MSD folder (``dataset.json``; its ``modality`` decides CT vs z-score normalisation).
         network: a registry name; ``"dynunet"`` gets kernels/strides/filters from the plan, other names
             keep their defaults and the patch is rounded up to a size they accept.
-        spatial_dims: 3, or 2 (slices across the last RAS axis; 2D images as they are).
+        spatial_dims: 3, or 2 (slices across the last RAS axis; 2D images as they are); ``None``: the
+            data's own (dataset.json's ``tensorImageSize``, else the images').
         memory_budget_mb: training-step memory for the batch; default 8000 (``gpu``) or 2000 (CPU).
         gpu: plan for a GPU; on CPU (default) filters start at 16 and a compute budget
             (``gflops_budget``, default 40 GFLOP per step) keeps a training step to seconds.
@@ -513,6 +515,8 @@ def plan_dataset(
             3D CPU plan (a CPU's patch is small; more context beats more detail), off with ``gpu``.
             Never with an explicit ``spacing``. The plan's ``fingerprint["lowres"]`` records it.
         min_coverage: fraction of the median image's voxels the patch should cover (nnU-Net: 0.25).
+        network_options: options of a network other than ``"dynunet"`` (e.g. ``unet2015``'s ``features``),
+            stored in the plan and used when rounding the patch to a size that network accepts.
 
     The plan's ``fingerprint["estimate"]`` holds the step's memory/GFLOP estimate, the network's
     receptive field (voxels and mm per axis), the patch in mm and its coverage of the median image.
@@ -522,7 +526,7 @@ def plan_dataset(
     """
     from medunet import networks
 
-    if spatial_dims not in (2, 3):
+    if spatial_dims not in (2, 3, None):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     networks.get_spec(network)  # fail early on an unknown name
     fp = fingerprint if fingerprint is not None else fingerprint_dataset(dataset_dir)
@@ -533,6 +537,7 @@ def plan_dataset(
     spacings = np.array([c["spacing"] for c in fp["cases"]], dtype=np.float64)
     shapes = np.array([c["shape"] for c in fp["cases"]], dtype=np.float64)
     data_dims = spacings.shape[1]
+    spatial_dims = data_dims if spatial_dims is None else spatial_dims
     if spatial_dims == 3 and data_dims == 2:
         raise ValueError("a 3D plan needs 3D images; these are 2D (use --dims 2)")
     full_target = target_spacing(spacings)
@@ -580,6 +585,8 @@ def plan_dataset(
     batch = max(batch, min_batch_size)
 
     net_options: dict = {"name": network}
+    if network != "dynunet":
+        net_options.update({k: v for k, v in (network_options or {}).items() if k != "name"})
     if network == "dynunet":
         net_options.update({"kernel_size": kernels, "strides": strides, "filters": filters})
     else:
