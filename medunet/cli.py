@@ -95,6 +95,13 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="CT models: predict only inside the body's bounding box (HU > -500, plus a margin); "
                         "background outside")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                   help="what runs the network (default torch; onnxruntime/openvino: CPU only, the network "
+                        "converted at start-up unless --model-file gives an exported one)")
+    p.add_argument("--model-file", help="a file from `medunet export` (.onnx, or OpenVINO .xml) for --backend")
+    p.add_argument("--placement", choices=["even", "monai"], default="even",
+                   help="window placement: even (default, spread evenly) or monai (MONAI's sliding_window_inference "
+                        "rule: with --roi-size 96 --overlap 0.5 --cpu-bf16 off it gives MONAI's probabilities)")
     p.add_argument("--format", dest="formats", type=_formats_arg, default=("nifti",), metavar="FORMATS",
                    help="label outputs, comma-separated: nifti (default; <id>_seg.nii.gz), dicom-seg "
                         "(<id>_seg.dcm) and/or rtstruct (<id>_rtstruct.dcm); the DICOM ones need DICOM series "
@@ -126,7 +133,7 @@ def _run_segment(args: argparse.Namespace) -> int:
             args.bundle, args.checkpoint, device=args.device, tta=args.tta, overlap=args.overlap, roi_size=roi,
             sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
             progress=not args.no_progress, cpu_bf16={"on": True, "off": False}.get(args.cpu_bf16, "auto"),
-            body_crop=args.body_crop,
+            body_crop=args.body_crop, backend=args.backend, model_file=args.model_file, placement=args.placement,
         )
     for w in caught:
         print(f"medunet segment: warning: {w.message}", file=sys.stderr)
@@ -176,6 +183,69 @@ def _run_import_dicom(args: argparse.Namespace) -> int:
     print(f"{len(result.ok)}/{total} patient(s) imported into {result.dst}"
           + (f" ({result.dataset_json})" if result.dataset_json else ""))
     return batch_exit_code(len(result.ok), len(result.failed))
+
+
+# --------------------------------------------------------------------------------------------------
+# medunet export
+@command
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write the network as TorchScript, ONNX or OpenVINO IR, checked against eager PyTorch",
+        description="Export a trained network (batch and spatial sizes left free) and compare the exported "
+                    "network's logits with eager PyTorch's on two random inputs (the training patch and a larger "
+                    "window); fails, writing nothing, when they differ by more than --tolerance.")
+    p.add_argument("--bundle", help="bundle folder (plan.json, models/model.pt)")
+    p.add_argument("--checkpoint", help="weights file (default: <bundle>/models/model.pt)")
+    p.add_argument("--format", required=True, choices=["torchscript", "onnx", "openvino"])
+    p.add_argument("-o", "--output", required=True, help="output file (.pt, .onnx or .xml; added when missing)")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest allowed max |exported - eager| of the logits (default 1e-3); with --int8 the largest "
+                        "allowed fraction of calibration voxels whose label changes (default 0.02)")
+    p.add_argument("--int8", nargs="+", metavar="IMAGE",
+                   help="openvino only: quantise to int8 (NNCF), calibrated on windows of these images (NIfTI "
+                        "files or DICOM series folders, preprocessed as for segmenting)")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    import warnings
+
+    from medunet.inference import Predictor
+    from medunet.inference.export import export_model
+
+    if not args.bundle and not args.checkpoint:
+        print("medunet export: error: give --bundle and/or --checkpoint", file=sys.stderr)
+        return EXIT_USAGE
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UserWarning)
+        predictor = Predictor.from_bundle(args.bundle, args.checkpoint, device="cpu", cpu_bf16=False)
+    for w in caught:
+        print(f"medunet export: warning: {w.message}", file=sys.stderr)
+    plan = predictor.plan
+    calibration = None
+    if args.int8:
+        if args.format != "openvino":
+            print("medunet export: error: --int8 needs --format openvino", file=sys.stderr)
+            return EXIT_USAGE
+        from medunet.inference.export import calibration_windows, probe_inputs
+        from medunet.io import read_image
+
+        images = []
+        for path in args.int8:
+            image = read_image(path)
+            images.append(predictor.preprocess(predictor._to_channels_first(image), image.affine)[0])
+        window = probe_inputs(predictor.network, plan.patch_size, plan.in_channels)[0].shape[2:]
+        calibration = calibration_windows(images, window)
+    tolerance = args.tolerance if args.tolerance is not None else (0.02 if args.int8 else 1e-3)
+    result = export_model(predictor.network, args.format, args.output, plan.patch_size, plan.in_channels,
+                          tolerance=tolerance, calibration=calibration)
+    shapes = ", ".join("x".join(map(str, s)) for s in result["shapes"])
+    check = (f"int8 changes the label of {result['label_change']:.3%} of the voxels" if args.int8 else
+             f"max |exported - eager| = {result['max_abs_diff']:.2e}")
+    print(f"medunet export: {args.format}{' int8' if args.int8 else ''}: {', '.join(result['files'])} "
+          f"({result['export_s']:.1f} s); {check} on inputs {shapes} (max |logit difference| "
+          f"{result['max_abs_diff']:.3g}, logits up to {result['max_abs_logit']:.3g}; tolerance {tolerance:g})")
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,17 +7,23 @@ third of them centred on an organ — for ``--train-seconds`` = 28 min on 8 phan
 
 * baseline: MONAI's ``SlidingWindowInferer`` at the model-zoo settings (roi 96³, overlap 0.5,
   gaussian, sw_batch_size 4);
-* medunet: :class:`medunet.inference.Predictor` in several configurations.
+* medunet: :class:`medunet.inference.Predictor` in several configurations: first MONAI's own tiling
+  (``placement="monai"`` at MONAI's settings, float32), whose probabilities must equal the baseline's to
+  max |dP| <= 1e-4 (the exactness row); our default windows at float32 and at bfloat16 (tiling and
+  precision apart); the ONNX Runtime and OpenVINO backends when their packages are installed; the
+  channels_last and body-crop variants; and the defaults, last.
 
 Both go through the same preprocessing (training's reorientation/resampling/normalisation) and the same
-way back to the input grid, so only the windowing differs. For each it prints wall time, peak RSS
-increase, label agreement with the baseline (Dice over classes), Dice against the ground truth, and the
-network's achieved GFLOP/s against a conv3d roofline measured here. The last line is
-``speedup_vs_monai=X.XX agreement_dice=Y.YYY`` for the default Predictor configuration.
+way back to the input grid, so only the windowing differs. For each it prints wall time, set-up time
+(weights; an engine's conversion), peak RSS increase, label agreement with the baseline (Dice over
+classes), the largest probability difference from it, Dice against the ground truth, and the network's
+achieved GFLOP/s against a conv3d roofline measured here. The last line is
+``speedup_vs_monai=X.XX agreement_dice=Y.YYY monai_self_agreement=Z.ZZZ`` for the default Predictor
+configuration (Z: the mean over the shifted-grid rows).
 
 Usage: ``.venv/bin/python scripts/bench_inference.py [--workdir DIR] [--train-seconds 1680] [--retrain]
-[--continue-training] [--train-only] [--quick] [--reference-shifts 24 13]`` (``--quick``: baseline,
-channels_last, body crop and the defaults only).
+[--continue-training] [--train-only] [--quick] [--reference-shifts 24 13]`` (``--quick``: the rows above
+but the fixed-window float32 ones, one shifted grid).
 
 Reference rows: the baseline is also run with its window grid shifted (``--reference-shifts``), and its
 agreement with itself is printed (``monai_self_agreement``). Any tiling other than the baseline's own
@@ -30,6 +36,7 @@ Timings on a shared machine vary with the load: the ratio (same process, back to
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import threading
@@ -44,6 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from medunet.data import Plan
 from medunet.data.phantoms import generate_case
 from medunet.inference import PlanGrid, Predictor
+from medunet.inference.predictor import cpu_has_native_bf16
 from medunet.io import ImageData, load_checkpoint, save_checkpoint, write_nifti
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,7 +218,7 @@ def main() -> None:
                     help="train the cached weights for another --train-seconds (a fresh warm-up + poly cycle)")
     ap.add_argument("--train-only", action="store_true", help="train (if needed), then stop")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
-    ap.add_argument("--quick", action="store_true", help="the baseline, its shifted-grid reference, channels_last, body crop and the defaults only")
+    ap.add_argument("--quick", action="store_true", help="skip the fixed-window float32 rows; one shifted-grid reference")
     ap.add_argument("--reference-shifts", type=int, nargs="*", default=None,
                     help="also run the baseline with its window grid shifted by these voxel counts and report its "
                          "agreement with itself (default: 24 13; with --quick: 24; the flag with no value: skip)")
@@ -251,20 +259,47 @@ def main() -> None:
     def make(**kw) -> Predictor:
         return Predictor.from_bundle(None, ckpt, device="cpu", **kw)
 
-    baseline = make(cpu_bf16=False)
-    baseline.inferer = SlidingWindowInferer(roi_size=(96, 96, 96), sw_batch_size=4, overlap=0.5, mode="gaussian")
-    configs = {"medunet segment defaults (auto window, bf16 when native)": {}}
+    def monai_baseline(shift: int = 0) -> Predictor:
+        predictor = make(cpu_bf16=False)
+        inferer = SlidingWindowInferer(roi_size=(96, 96, 96), sw_batch_size=4, overlap=0.5, mode="gaussian")
+        predictor.inferer = ShiftedGridInferer(inferer, shift) if shift else inferer
+        return predictor
+
     fp32 = {"cpu_bf16": False}
+    native = cpu_has_native_bf16()
+    default_name = f"medunet segment defaults (auto window, {'bfloat16' if native else 'float32: no native bf16'})"
+    configs = {default_name: {}}
+    exact = {"MONAI-exact tiling (placement=monai, 96^3, 0.5, fp32, sw4)":
+             {"roi_size": (96, 96, 96), "overlap": 0.5, "sw_batch_size": 4, "placement": "monai", **fp32}}
+    precision = {"defaults at float32 (auto window)": fp32}
+    if native:
+        precision["defaults at bfloat16 (auto window)"] = {"cpu_bf16": True}
+    backends = {}
+    for backend, packages in (("onnxruntime", ("onnxruntime", "onnxscript")), ("openvino", ("openvino",))):
+        missing = [m for m in packages if importlib.util.find_spec(m) is None]
+        if missing:
+            log(f"backend {backend}: skipped ({', '.join(missing)} not installed)")
+            continue
+        backends[f"defaults, {backend}, float32"] = {"backend": backend, **fp32}
+        if backend == "openvino" and native:
+            backends["defaults, openvino, bfloat16"] = {"backend": backend, "cpu_bf16": True}
+    int8_name = None
+    if "defaults, openvino, float32" in backends and importlib.util.find_spec("nncf") is not None:
+        int8_name = f"defaults, openvino int8 (NNCF, {'bf16' if native else 'fp32'} rest)"
+        backends[int8_name] = {"backend": "openvino", "cpu_bf16": native}
     extras = {"defaults + channels_last_3d": {"channels_last": True},
               "defaults + body crop (HU > -500, 4x grid, +16 vox)": {"body_crop": True}}
     if args.quick:
-        configs = {**extras, **configs}
+        configs = {**exact, **precision, **backends, **extras, **configs}
     else:
         configs = {
+            **exact,
             "roi=96^3, overlap 0.25, float32": {"roi_size": (96, 96, 96), "overlap": 0.25, **fp32},
             "roi=128x128x64, overlap 0.25, float32": {"roi_size": (128, 128, 64), "overlap": 0.25, **fp32},
             "whole volume, one pass, float32": {"roi_size": (512, 512, 512), **fp32},
             "roi=128x128x64, float32, channels_last": {"roi_size": (128, 128, 64), "channels_last": True, **fp32},
+            **precision,
+            **backends,
             **extras,
             **configs,
         }
@@ -274,8 +309,13 @@ def main() -> None:
     roof32, roof16 = conv3d_roofline(), conv3d_roofline(torch.bfloat16)
     log(f"conv3d roofline (32->32 ch, 3^3, 64^3): float32 {roof32:.1f} GFLOP/s, bfloat16 {roof16:.1f} GFLOP/s")
 
-    def run(name: str, predictor: Predictor, reference: np.ndarray | None = None) -> dict:
+    def run(name: str, factory, reference: dict | None = None) -> dict:
+        """Build a Predictor (``setup_s``: weights, and an engine's conversion) and predict the volume;
+        the peak RSS increase covers both."""
         with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            predictor = factory()
+            setup = time.perf_counter() - t0
             pred = predictor.predict_image(image_data)
         stats = pred.stats
         inner, shift = getattr(predictor.inferer, "inner", predictor.inferer), getattr(predictor.inferer, "shift", 0)
@@ -289,62 +329,91 @@ def main() -> None:
         net_s = stats["network_s"]
         log(f"    voxels per class {[int((pred.label == c).sum()) for c in classes]}, ground truth "
             f"{[int((truth == c).sum()) for c in classes]}")
-        row = {"name": name, "seconds": pred.seconds, "network_s": net_s, "rss_mib": rss.increase, "windows": n,
-               "gflops": flops / 1e9, "label": pred.label, "gt_dice": dice(pred.label, truth, classes)}
+        row = {"name": name, "seconds": pred.seconds, "network_s": net_s, "setup_s": setup, "rss_mib": rss.increase,
+               "rss_peak_mib": rss.peak, "windows": n, "gflops": flops / 1e9, "label": pred.label,
+               "probabilities": pred.probabilities, "gt_dice": dice(pred.label, truth, classes)}
         if reference is not None:
-            row["agreement"] = dice(pred.label, reference, classes)
-            row["agreement_voxels"] = micro_dice(pred.label, reference)
-            per_class = [dice(pred.label, reference, [c]) for c in classes]
+            row["agreement"] = dice(pred.label, reference["label"], classes)
+            row["agreement_voxels"] = micro_dice(pred.label, reference["label"])
+            row["max_dp"] = float(np.abs(pred.probabilities - reference["probabilities"]).max())
+            per_class = [dice(pred.label, reference["label"], [c]) for c in classes]
             counts = [int((pred.label == c).sum()) for c in classes]
             log(f"    agreement per class {[round(v, 3) for v in per_class]} (voxels {counts}), "
-                f"voxel-weighted {row['agreement_voxels']:.4f}")
+                f"voxel-weighted {row['agreement_voxels']:.4f}, max |dP| vs MONAI {row['max_dp']:.2e}")
         log(f"  {name:<48} {pred.seconds:7.2f}s (pre {stats['preprocess_s']:.1f}s, windows {net_s:.1f}s, back "
-            f"{stats['restore_s']:.1f}s)  +{rss.increase:5.0f} MiB  {n:3d} windows  "
-            f"{flops / 1e9 / net_s:5.1f} GFLOP/s  GT Dice {row['gt_dice']:.4f}"
+            f"{stats['restore_s']:.1f}s; setup {setup:.1f}s)  +{rss.increase:5.0f} MiB (peak {rss.peak:.0f})  "
+            f"{n:3d} windows  {flops / 1e9 / net_s:5.1f} GFLOP/s  GT Dice {row['gt_dice']:.4f}"
             + (f"  agreement {row['agreement']:.4f}" if reference is not None else ""))
+        del predictor
         return row
 
-    log("running (wall time, peak RSS increase, windows, achieved GFLOP/s, Dice vs ground truth):")
-    base = run("MONAI sliding_window_inference (96^3, 0.5, sw4)", baseline)
+    log("running (wall time, setup, peak RSS increase over setup + prediction, windows, achieved GFLOP/s, "
+        "Dice vs ground truth):")
+    base = run("MONAI sliding_window_inference (96^3, 0.5, sw4)", monai_baseline)
     shifts = args.reference_shifts if args.reference_shifts is not None else ([24] if args.quick else [24, 13])
-    references = []
-    for shift in shifts:
-        shifted = make(cpu_bf16=False)
-        shifted.inferer = ShiftedGridInferer(baseline.inferer, shift)
-        ref = run(f"MONAI baseline, window grid shifted {shift} vox", shifted, base["label"])
-        references.append(ref)
+    references = [run(f"MONAI baseline, window grid shifted {shift} vox",
+                      lambda shift=shift: monai_baseline(shift), base) for shift in shifts]
     rows = []
+    def int8_predictor(**kw) -> Predictor:
+        """Quantise (NNCF) with windows of the training phantoms, then load the int8 file."""
+        from medunet.inference.export import calibration_windows, export_model, probe_inputs
+        from medunet.io import read_image
+
+        fp = make(cpu_bf16=False)
+        images = []
+        for f in sorted((workdir / "phantoms" / "imagesTr").glob("*.nii.gz"))[:4]:
+            im = read_image(f)
+            images.append(fp.preprocess(fp._to_channels_first(im), im.affine)[0])
+        window = probe_inputs(fp.network, plan.patch_size, plan.in_channels)[0].shape[2:]
+        result = export_model(fp.network, "openvino", workdir / "model_int8.xml", plan.patch_size, plan.in_channels,
+                              tolerance=1.0, calibration=calibration_windows(images, window))
+        log(f"    int8: calibrated on {len(images)} phantoms; label change on calibration windows "
+            f"{result['label_change']:.3%}, max |logit difference| {result['max_abs_diff']:.3g}")
+        return make(model_file=result["files"][-1], **kw)
+
     for name, kw in configs.items():
-        row = run(name, make(**kw), base["label"])
+        row = run(name, (lambda kw=kw: int8_predictor(**kw)) if name == int8_name else (lambda kw=kw: make(**kw)), base)
         row["speedup"] = base["seconds"] / row["seconds"]
         rows.append(row)
     log("")
-    log(f"{'configuration':<52} {'total s':>7} {'speedup':>8} {'windows s':>9} {'speedup':>8} {'agree':>7} "
-        f"{'GT Dice':>8} {'dDice':>7}")
-    log(f"{base['name']:<52} {base['seconds']:7.2f} {1.0:8.2f} {base['network_s']:9.2f} {1.0:8.2f} {1.0:7.3f} "
-        f"{base['gt_dice']:8.4f} {0.0:+7.4f}")
+    log(f"{'configuration':<60} {'total s':>7} {'speedup':>7} {'windows s':>9} {'speedup':>7} {'setup s':>7} "
+        f"{'+RSS MiB':>8} {'agree':>6} {'GT Dice':>7} {'dDice':>7} {'max|dP|':>8}")
+
+    def line(r: dict, speedup: str, net_speedup: str) -> str:
+        return (f"{r['name']:<60} {r['seconds']:7.2f} {speedup:>7} {r['network_s']:9.2f} {net_speedup:>7} "
+                f"{r['setup_s']:7.1f} {r['rss_mib']:8.0f} {r.get('agreement', 1.0):6.3f} {r['gt_dice']:7.4f} "
+                f"{r['gt_dice'] - base['gt_dice']:+7.4f} {r.get('max_dp', 0.0):8.1e}")
+
+    log(line(base, "1.00", "1.00"))
     for r in rows:
-        log(f"{r['name']:<52} {r['seconds']:7.2f} {r['speedup']:8.2f} {r['network_s']:9.2f} "
-            f"{base['network_s'] / r['network_s']:8.2f} {r['agreement']:7.3f} {r['gt_dice']:8.4f} "
-            f"{r['gt_dice'] - base['gt_dice']:+7.4f}")
+        log(line(r, f"{r['speedup']:.2f}", f"{base['network_s'] / r['network_s']:.2f}"))
     for r in references:
-        log(f"{r['name']:<52} {r['seconds']:7.2f} {'-':>8} {r['network_s']:9.2f} {'-':>8} {r['agreement']:7.3f} "
-            f"{r['gt_dice']:8.4f} {r['gt_dice'] - base['gt_dice']:+7.4f}")
-    log("(speedup: end to end, same preprocessing and way back for both; windows: the network part only;")
+        log(line(r, "-", "-"))
+    log("(speedup: end to end, same preprocessing and way back for both, setup not counted; windows: the network")
+    log(" part only; +RSS: peak resident memory increase over setup and prediction, each row after the previous")
+    log(" ones, so rows that reuse freed memory read low; max|dP|: largest probability difference from MONAI;")
     log(" the shifted-grid rows are the baseline against itself: the agreement a different tiling can expect)")
     final = rows[-1]
-    summary = {k: v for k, v in final.items() if k != "label"}
+    self_agreement = float(np.mean([r["agreement"] for r in references])) if references else float("nan")
+    exact_row = rows[0]
+    summary = {k: v for k, v in final.items() if k not in ("label", "probabilities")}
     (workdir / "last_result.json").write_text(json.dumps(
         {"baseline_s": base["seconds"], "baseline_gt_dice": base["gt_dice"], **summary,
-         "monai_self_agreement": {r["name"]: r["agreement"] for r in references}, "load": os.getloadavg()}, indent=2, default=float))
+         "monai_exact_max_abs_diff": exact_row["max_dp"],
+         "rows": [{k: v for k, v in r.items() if k not in ("label", "probabilities")} for r in rows + references],
+         "monai_self_agreement": {r["name"]: r["agreement"] for r in references}, "load": os.getloadavg()},
+        indent=2, default=float))
     log(f"load after: {os.getloadavg()}")
     for r in rows[:-1]:
         log(f"{r['name']}: speedup_vs_monai={r['speedup']:.2f} agreement_dice={r['agreement']:.3f} "
-            f"gt_dice_delta={r['gt_dice'] - base['gt_dice']:+.4f}")
+            f"gt_dice_delta={r['gt_dice'] - base['gt_dice']:+.4f} max_abs_dp={r['max_dp']:.2e}")
     for r in references:
         log(f"{r['name']}: monai_self_agreement={r['agreement']:.3f} gt_dice_delta={r['gt_dice'] - base['gt_dice']:+.4f}")
+    log(f"exactness: {exact_row['name']}: max |dP| vs MONAI = {exact_row['max_dp']:.2e} "
+        f"({'within' if exact_row['max_dp'] <= 1e-4 else 'OVER'} 1e-4)")
     log(f"defaults: gt_dice_delta={final['gt_dice'] - base['gt_dice']:+.4f} (baseline GT Dice {base['gt_dice']:.4f})")
-    print(f"speedup_vs_monai={final['speedup']:.2f} agreement_dice={final['agreement']:.3f}")
+    print(f"speedup_vs_monai={final['speedup']:.2f} agreement_dice={final['agreement']:.3f} "
+          f"monai_self_agreement={self_agreement:.3f}")
 
 
 if __name__ == "__main__":

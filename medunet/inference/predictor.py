@@ -28,6 +28,7 @@ from medunet.data.grid import PlanGrid
 from medunet.data.plan import Plan, normalize_intensity
 from medunet.data.preprocess import channels_first, nonzero_box, nonzero_box_affine, preprocess_tensor
 from medunet.inference.bundle import resolve_plan
+from medunet.inference.export import load_engine
 from medunet.inference.postprocess import keep_largest_component
 from medunet.inference.sliding import build_inferer
 from medunet.inference.tta import UNCERTAINTY_KINDS, entropy_map, predict_probabilities
@@ -145,6 +146,10 @@ class Predictor:
         placement: where sliding windows go, ``"even"`` (default) or ``"monai"`` (MONAI's rule: with
             MONAI's roi, overlap and float32 the probabilities equal ``sliding_window_inference``'s);
             see :class:`~medunet.inference.sliding.TiledInferer`.
+        backend: what runs the network's windows: ``"torch"`` (default), ``"onnxruntime"`` or
+            ``"openvino"`` (CPU only; the network converted at start-up, or ``model_file``; OpenVINO
+            computes in bfloat16 when ``cpu_bf16`` is on). See :mod:`medunet.inference.export`.
+        model_file: an exported ``.onnx`` / OpenVINO ``.xml`` file of the same weights for ``backend``.
 
     Example:
         >>> predictor = Predictor.from_bundle("bundles/ct")
@@ -172,6 +177,8 @@ class Predictor:
         body_hu: float = -500.0,
         body_margin: int = 16,
         placement: str = "even",
+        backend: str = "torch",
+        model_file: str | os.PathLike | None = None,
     ) -> None:
         if uncertainty is not None and uncertainty not in UNCERTAINTY_KINDS:
             raise ValueError(f"uncertainty must be None or one of {UNCERTAINTY_KINDS}, got {uncertainty!r}")
@@ -192,6 +199,12 @@ class Predictor:
         self.inferer = build_inferer(self.network, plan, roi_size=roi_size, overlap=overlap, mode=mode,
                                      sw_batch_size=sw_batch_size, device=self.device, progress=progress,
                                      channels_last=channels_last, cpu_bf16=cpu_bf16, placement=placement)
+        if backend != "torch" and self.device.type != "cpu":
+            raise ValueError(f"backend {backend!r} runs on the CPU only (device {self.device}): use --device cpu")
+        self.backend = backend
+        # what the inferer calls for each batch of windows: the eager network or an exported engine
+        self.engine = load_engine(backend, self.network, plan.patch_size, plan.in_channels, model_file,
+                                  bf16=bool(cpu_bf16))
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -329,11 +342,11 @@ class Predictor:
         return preprocess_tensor(x, affine, self.plan, normalize=normalize)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inferer(x, self.network)
+        return self.inferer(x, self.engine)
 
     def _slicewise_logits(self, x: torch.Tensor) -> torch.Tensor:
         """A 2D network over a volume ``(B, C, X, Y, Z)``, one axial slice at a time."""
-        return torch.stack([self.inferer(x[..., z], self.network) for z in range(x.shape[-1])], dim=-1)
+        return torch.stack([self.inferer(x[..., z], self.engine) for z in range(x.shape[-1])], dim=-1)
 
     # -- batches -------------------------------------------------------------------------------------
     def segment(
