@@ -267,11 +267,13 @@ def _add_label_server(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--checkpoint", action="append", default=None, metavar="[NAME=]FILE",
                    help="trained weights for a bundle (repeatable; NAME= needed with several bundles); "
-                        "default: the bundle's models/model.pt, else random weights (untrained)")
+                        "default: the bundle's models/model.pt, else random weights (untrained); weights "
+                        "fine-tuned by the server are kept at a restart unless FILE is new or changed")
     p.add_argument("--workdir", default=None,
                    help="app working dir (default ~/.cache/medunet/label-server/<studies>-<hash>)")
     p.add_argument("--conf", nargs=2, action="append", default=None, metavar=("KEY", "VALUE"),
-                   help="extra MONAI Label app setting, e.g. --conf skip_trainers true")
+                   help="extra MONAI Label app setting, e.g. --conf skip_trainers true, --conf infer_queue 16 "
+                        "(requests waiting beyond the one predicting; more get 503), --conf uncertainty_models ct")
     p.add_argument("--label-python", default=None,
                    help="Python of the MONAI Label environment (default .venv-label/bin/python)")
     p.add_argument("--dry-run", action="store_true", help="prepare the app dir, print the command, exit")

@@ -31,22 +31,14 @@ class _StandInBundleInferTask:
     """What ``medunet.label.main.MedunetInferTask`` uses of MONAI Label's ``BundleInferTask``."""
 
     def __init__(self, path: str, conf: dict):
-        from monai.bundle import ConfigParser
-
         self.bundle_path = path
         self.output_label_key = "pred"
         meta = json.loads((Path(path) / "configs" / "metadata.json").read_text())
         channels = next(iter(meta["network_data_format"]["outputs"].values()))["channel_def"]
         self.labels = {v.lower(): int(k) for k, v in channels.items() if v.lower() != "background"}
-        parser = ConfigParser()
-        parser.read_config(str(Path(path) / "configs" / "inference.json"))
-        parser.config["bundle_root"] = path
-        self.network = parser.get_parsed_content("network_def", instantiate=True)
 
-    def _get_network(self, device, data):
-        state = torch.load(Path(self.bundle_path) / "models" / "model.pt", map_location=device, weights_only=True)
-        self.network.load_state_dict(state.get("model", state), strict=True)
-        return self.network.to(device).eval()
+    def clear_cache(self):
+        pass
 
     def run_pre_transforms(self, data, transforms):
         for t in transforms:
@@ -76,6 +68,7 @@ def _install_stand_ins(monkeypatch) -> None:
     names = ["monailabel", "monailabel.config", "monailabel.datastore", "monailabel.datastore.local",
              "monailabel.interfaces", "monailabel.interfaces.app", "monailabel.interfaces.datastore",
              "monailabel.interfaces.tasks", "monailabel.interfaces.tasks.infer_v2",
+             "monailabel.interfaces.tasks.scoring",
              "monailabel.interfaces.tasks.strategy", "monailabel.interfaces.tasks.train", "monailabel.tasks",
              "monailabel.tasks.activelearning", "monailabel.tasks.activelearning.first",
              "monailabel.tasks.activelearning.random", "monailabel.tasks.infer", "monailabel.tasks.infer.bundle",
@@ -88,6 +81,7 @@ def _install_stand_ins(monkeypatch) -> None:
     modules["monailabel.interfaces.app"].MONAILabelApp = plain
     modules["monailabel.interfaces.datastore"].Datastore = plain
     modules["monailabel.interfaces.tasks.infer_v2"].InferTask = plain
+    modules["monailabel.interfaces.tasks.scoring"].ScoringMethod = plain
     modules["monailabel.interfaces.tasks.strategy"].Strategy = plain
     modules["monailabel.interfaces.tasks.train"].TrainTask = plain
     modules["monailabel.tasks.activelearning.first"].First = plain
@@ -95,12 +89,14 @@ def _install_stand_ins(monkeypatch) -> None:
     modules["monailabel.tasks.infer.bundle"].BundleInferTask = _StandInBundleInferTask
     modules["monailabel.tasks.train.bundle"].BundleTrainTask = plain
     modules["monailabel.utils.others.generic"].strtobool = lambda v: str(v).lower() in ("1", "true", "yes")
+    modules["monailabel.utils.others.generic"].name_to_device = lambda d: d or "cpu"
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     monkeypatch.delitem(sys.modules, "medunet.label.main", raising=False)
 
 
-def test_label_infer_task_equals_medunet_segment_on_an_oblique_phantom(tmp_path, monkeypatch):
+def _served_task(tmp_path: Path, monkeypatch, ckpt: Path):
+    """(the infer task of an app copy of bundles/ct serving ``ckpt``, an oblique CT phantom, the copy)."""
     pytest.importorskip("fastapi")
     _install_stand_ins(monkeypatch)
     from medunet.label.main import MedunetInferTask
@@ -108,12 +104,15 @@ def test_label_infer_task_equals_medunet_segment_on_an_oblique_phantom(tmp_path,
     images = tmp_path / "images"
     images.mkdir()
     source = oblique_ct_case(images)
-    ckpt = random_checkpoint(tmp_path / "trained", tiny_plan("ct"))
     (setup,) = launch.prepare_app(tmp_path / "work", [REPO / "bundles" / "ct"], {"ct": ckpt})
     assert setup.weights == "checkpoint"
     assert (setup.path / "models" / "plan.json").is_file()  # the trained plan went with the weights
+    return MedunetInferTask(str(setup.path), {}), source, setup
 
-    task = MedunetInferTask(str(setup.path), {})
+
+def test_label_infer_task_equals_medunet_segment_on_an_oblique_phantom(tmp_path, monkeypatch):
+    ckpt = random_checkpoint(tmp_path / "trained", tiny_plan("ct"))
+    task, source, _ = _served_task(tmp_path, monkeypatch, ckpt)
     out_file, result = task({"image": str(source), "device": "cpu"})
     assert result == {}
     assert main(["segment", "--no-progress", "-i", str(source), "-o", str(tmp_path / "seg"), "--bundle",
@@ -123,3 +122,31 @@ def test_label_infer_task_equals_medunet_segment_on_an_oblique_phantom(tmp_path,
     np.testing.assert_array_equal(served.affine, segmented.affine)
     assert served.get_data_dtype() == np.uint8
     Path(out_file).unlink()
+
+
+def test_label_infer_task_keeps_the_last_good_model_when_new_weights_do_not_load(tmp_path, monkeypatch):
+    plan = tiny_plan("ct")
+    task, source, setup = _served_task(tmp_path, monkeypatch, random_checkpoint(tmp_path / "a", plan, seed=0))
+
+    def served() -> np.ndarray:
+        out_file, _ = task({"image": str(source), "device": "cpu"})
+        label = np.asarray(nib.load(out_file).dataobj)
+        Path(out_file).unlink()
+        return label
+
+    first = served()
+    model = setup.path / "models" / "model.pt"
+    good = model.read_bytes()
+    model.write_bytes(good[: len(good) // 3])  # a half-written file (a trainer without atomic writes)
+    np.testing.assert_array_equal(served(), first)  # the last good model answers
+    other = random_checkpoint(tmp_path / "b", plan, seed=1)
+    model.write_bytes(other.read_bytes())  # a complete new model is picked up at the next request
+    after = served()
+    reference = task.predictor("cpu").predict_file(source).label
+    np.testing.assert_array_equal(after, reference)
+    assert task.predictor("cpu") is task.predictor("cpu")  # cached while the file is unchanged
+    from medunet.io import extract_state_dict, load_checkpoint
+
+    new_state = extract_state_dict(load_checkpoint(other))
+    served_state = task.predictor("cpu").network.state_dict()
+    assert all(torch.equal(served_state[k].cpu(), new_state[k]) for k in new_state)

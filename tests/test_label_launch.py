@@ -137,3 +137,91 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1
     assert "nope" in err and "studies folder not found" in err
+
+
+def _trained_copy(tmp_path):
+    """A bundle copy started from a checkpoint, then fine-tuned (models/model.pt replaced)."""
+    bundle = make_ct_bundle(tmp_path / "bundles")
+    work = tmp_path / "work"
+    (setup,) = launch.prepare_app(work, [bundle])
+    first = torch.load(setup.path / "models" / "model.pt", weights_only=True)
+    trained = {k: torch.full_like(v, 0.5) if v.is_floating_point() else v for k, v in first.items()}
+    ckpt = tmp_path / "run1" / "best.pt"
+    ckpt.parent.mkdir()
+    torch.save({"model": trained}, ckpt)
+    (ckpt.parent / "plan.json").write_text((bundle / "plan.json").read_text())
+    (setup,) = launch.prepare_app(work, [bundle], {"ct": ckpt})
+    tuned = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v for k, v in first.items()}
+    torch.save(tuned, setup.path / "models" / "model.pt")  # what MONAI Label training writes
+    return bundle, work, ckpt, trained, tuned
+
+
+def test_restart_with_the_same_checkpoint_keeps_the_fine_tuned_weights(tmp_path):
+    bundle, work, ckpt, trained, tuned = _trained_copy(tmp_path)
+    (setup,) = launch.prepare_app(work, [bundle], {"ct": ckpt})  # the same command line again
+    assert setup.weights == "fine-tuned"
+    served = torch.load(setup.path / "models" / "model.pt", weights_only=True)
+    assert all(torch.equal(served[k], tuned[k]) for k in served)
+    record = json.loads((setup.path / "models" / launch.WEIGHTS_RECORD).read_text())
+    assert record["started_with"]["weights"] == "checkpoint"
+    # a changed checkpoint file is new weights: it replaces the fine-tuned ones
+    torch.save({"model": trained, "epoch": 9}, ckpt)
+    (setup,) = launch.prepare_app(work, [bundle], {"ct": ckpt})
+    assert setup.weights == "checkpoint"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "other-network"])
+def test_fine_tuned_weights_that_do_not_load_are_not_served(tmp_path, damage):
+    bundle, work, ckpt, trained, _ = _trained_copy(tmp_path)
+    model = work / "app" / "model" / "ct" / "models" / "model.pt"
+    if damage == "truncated":  # a trainer killed while writing without an atomic rename
+        model.write_bytes(model.read_bytes()[:1000])
+    elif damage == "empty":
+        model.write_bytes(b"")
+    else:
+        torch.save({"conv.weight": torch.zeros(2, 1, 3, 3, 3)}, model)
+    assert launch.weights_status(work / "app" / "model" / "ct") == "fine-tuned"
+    (setup,) = launch.prepare_app(work, [bundle])  # restart without --checkpoint
+    assert setup.weights == "checkpoint" and setup.weights_from == str(ckpt.resolve())
+    served = torch.load(model, weights_only=True)
+    assert all(torch.equal(served[k], trained[k]) for k in served)
+
+
+def test_label_problems_name_each_reason(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from medunet.label.safety import label_problems
+
+    affine = np.diag([1.5, 1.5, 3.0, 1.0])
+    image = tmp_path / "img.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.int16) + 5, affine), image)
+
+    def label(name, data, aff=affine):
+        path = tmp_path / name
+        nib.save(nib.Nifti1Image(data, aff), path)
+        return path
+
+    good = np.zeros((8, 8, 4), np.uint8)
+    good[2:4, 2:4, 1:3] = 2
+    assert label_problems(label("ok.nii.gz", good), image, {1, 2, 3}) == []
+    assert label_problems(label("ok.nii", good), image, {1, 2, 3}) == []
+    shifted = affine.copy()
+    shifted[0, 3] = 7.0
+    cases = {
+        "shape": (label("shape.nii.gz", good[:6]), "shape"),
+        "affine": (label("affine.nii.gz", good, shifted), "origin"),
+        "values": (label("values.nii.gz", good * 4), "[8] not declared in the model's classes"),
+        "fraction": (label("fraction.nii.gz", good.astype(np.float32) * 0.25), "non-integer"),
+        "one-hot": (label("onehot.nii.gz", np.stack([good, good], axis=-1)), "4D label"),
+    }
+    text = tmp_path / "notes.nii.gz"
+    text.write_text("this is not an image")
+    cases["not-nifti-body"] = (text, "not a readable NIfTI")
+    png = tmp_path / "seg.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n")
+    cases["not-nifti-name"] = (png, "not a NIfTI file")
+    for what, (path, words) in cases.items():
+        problems = label_problems(path, image, {1, 2, 3})
+        assert problems and words in " ".join(problems), (what, problems)
+        assert all("\n" not in p for p in problems)

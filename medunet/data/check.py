@@ -144,6 +144,7 @@ class _Expect:
     channels: int | None = None  # modalities declared in dataset.json
     spatial_dims: int | None = None  # from tensorImageSize
     one_file_per_channel: bool = False  # nnU-Net layout
+    labels_from: str = "dataset.json labels"  # where ``labels`` were declared, for the messages
 
 
 def check_dataset(dataset_dir: str | os.PathLike) -> CheckResult:
@@ -384,7 +385,7 @@ def _check_read_case(images: list, label, expect: _Expect, result: CheckResult) 
 
 def check_case_data(images: Sequence[ImageData], label: ImageData | None = None, *,
                     labels: dict[str, int] | None = None, channels: int | None = None,
-                    spatial_dims: int | None = None) -> list[Problem]:
+                    spatial_dims: int | None = None, labels_from: str = "dataset.json labels") -> list[Problem]:
     """:func:`check_dataset`'s per-case checks on files already read (for callers that read them anyway,
     e.g. planning).
 
@@ -394,12 +395,13 @@ def check_case_data(images: Sequence[ImageData], label: ImageData | None = None,
         labels: class name → value declared by ``dataset.json`` (None: any non-negative value).
         channels: modalities declared by ``dataset.json`` (None: one channel, no 4D image).
         spatial_dims: 2 or 3 when ``tensorImageSize`` declares it.
+        labels_from: what declared ``labels``, as the messages name it (e.g. "the model's classes").
 
     Returns:
         the problems (errors and warnings), each naming its file.
     """
     expect = _Expect(labels=labels, channels=channels, spatial_dims=spatial_dims,
-                     one_file_per_channel=len(images) > 1)
+                     one_file_per_channel=len(images) > 1, labels_from=labels_from)
     result = CheckResult("")
     _check_read_case(list(images), label, expect, result)
     return list(result)
@@ -493,7 +495,7 @@ def _check_label(label, path: Path, expect: _Expect, result: CheckResult) -> Non
         allowed = set(expect.labels.values())
         stray = [int(v) for v in values if int(v) not in allowed]
         if stray:
-            result.add(path, "label-values", f"value(s) {stray} not declared in dataset.json labels "
+            result.add(path, "label-values", f"value(s) {stray} not declared in {expect.labels_from} "
                                              f"{sorted(allowed)}")
     elif values.size and values.min() < 0:
         result.add(path, "label-values", f"negative label value(s) {[int(v) for v in values if v < 0]}")

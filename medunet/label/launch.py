@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -38,8 +39,10 @@ from medunet.io.atomic import atomic_write_text
 __all__ = [
     "LabelEnvError", "BundleSetup", "REPO_ROOT", "find_label_python", "default_workdir", "find_bundles",
     "is_remote_studies",
-    "parse_checkpoints", "prepare_app", "weights_status", "server_command", "server_env", "WEIGHTS_RECORD",
+    "parse_checkpoints", "prepare_app", "bundle_labels", "weights_status", "server_command", "server_env", "WEIGHTS_RECORD",
 ]
+
+logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 LABEL_VENV = REPO_ROOT / ".venv-label"
@@ -187,7 +190,7 @@ def parse_checkpoints(values: Iterable[str] | None, names: Sequence[str]) -> dic
     return out
 
 
-def _bundle_labels(bundle: Path) -> dict[str, int]:
+def bundle_labels(bundle: Path) -> dict[str, int]:
     """Label name → value from ``metadata.json`` (first output's ``channel_def``), background excluded."""
     meta = json.loads((_configs_dir(bundle) / "metadata.json").read_text())
     outputs = meta.get("network_data_format", {}).get("outputs", {})
@@ -259,31 +262,72 @@ def _set_trained_plan(dest: Path, weights_file: Path | None) -> None:
         target.unlink()
 
 
-def _write_weights(src: Path, dest: Path, checkpoint: Path | None) -> tuple[str, str]:
-    """Put ``models/model.pt`` (raw state dict) into the bundle copy ``dest``; returns (kind, from).
+def _started_with(record: dict) -> dict | None:
+    """The weights a bundle copy was first served with (``weights``, ``from``, ``from_stamp``): kept
+    in the record across fine-tuning, so that a restart knows where its weights came from."""
+    if record.get("started_with"):
+        return dict(record["started_with"])
+    if record.get("weights") and record["weights"] != "fine-tuned":
+        return {"weights": record["weights"], "from": record.get("from", ""), "from_stamp": record.get("from_stamp")}
+    return None
+
+
+def _write_weights(src: Path, dest: Path, checkpoint: Path | None) -> tuple[str, str, dict | None]:
+    """Put ``models/model.pt`` (raw state dict) into the bundle copy ``dest``; returns (kind, from, the
+    weights first served: see :func:`_started_with`).
 
     Weights are checked against the bundle's ``network_def`` (strict), so a wrong checkpoint fails here
-    with the mismatching keys named, not at the first /infer.
+    with the mismatching keys named, not at the first /infer. Weights fine-tuned by the server are
+    kept at a restart (with no ``checkpoint``, or the same, unchanged checkpoint file as before) when
+    they load; when they do not, the weights the server was started with are served again.
     """
     from medunet.io import load_weights, save_checkpoint
 
     model = dest / "models" / "model.pt"
     model.parent.mkdir(parents=True, exist_ok=True)
     previous = weights_status(dest)
+    started = _started_with(_read_record(dest))
     bundled = src / "models" / "model.pt"
-    if checkpoint is None and previous == "fine-tuned":  # trained by this server earlier: keep it
-        return "fine-tuned", str(model)
+    same_checkpoint = (checkpoint is not None and started is not None and started.get("weights") == "checkpoint"
+                       and started.get("from") == str(Path(checkpoint).resolve())
+                       and started.get("from_stamp") == _file_stamp(Path(checkpoint)))
+    if previous == "fine-tuned" and (checkpoint is None or same_checkpoint):  # trained by this server earlier
+        problem = _unloadable(dest, model)
+        if problem is None:
+            return "fine-tuned", str(model), started
+        # never serve a file that does not load (e.g. written without an atomic rename by a killed
+        # trainer): go back to the weights the server was started with
+        logger.warning(f"{model}: the fine-tuned weights do not load ({problem}); serving the weights "
+                       f"the server was started with ({(started or {}).get('weights', 'bundle')})")
+        first = (started or {}).get("from")
+        if checkpoint is None and (started or {}).get("weights") == "checkpoint" and first and Path(first).is_file():
+            checkpoint = Path(first)
     if checkpoint is None and not bundled.is_file() and previous == "random-init":
-        return "random-init", ""  # keep the same random weights across restarts
+        return "random-init", "", started  # keep the same random weights across restarts
     weights_file = Path(checkpoint) if checkpoint is not None else bundled if bundled.is_file() else None
     _set_trained_plan(dest, weights_file)
     network = build_bundle_network(dest)
     if weights_file is None:
         save_checkpoint(network.state_dict(), model)
-        return "random-init", ""
+        return "random-init", "", {"weights": "random-init", "from": "", "from_stamp": None}
     network = load_weights(network, weights_file)
     save_checkpoint(network.state_dict(), model)
-    return ("checkpoint" if checkpoint is not None else "bundle"), str(weights_file.resolve())
+    kind = "checkpoint" if checkpoint is not None else "bundle"
+    origin = str(weights_file.resolve())
+    return kind, origin, {"weights": kind, "from": origin, "from_stamp": _file_stamp(weights_file)}
+
+
+def _unloadable(bundle_copy: Path, weights: Path) -> str | None:
+    """Why ``weights`` cannot be served from ``bundle_copy`` as the infer task loads them (its plan,
+    strict loading), or None when they load."""
+    from medunet.inference import resolve_plan
+    from medunet.io import load_weights
+
+    try:
+        load_weights(resolve_plan(bundle_copy, weights).build_network(), weights)
+    except Exception as e:  # noqa: BLE001 - any failure means the file cannot be served
+        return " ".join(str(e).split())[:300] or type(e).__name__
+    return None
 
 
 def _copy_bundle(src: Path, dest: Path) -> None:
@@ -317,11 +361,12 @@ def prepare_app(workdir: str | os.PathLike, bundles: Sequence[Path],
         name = src.resolve().name
         dest = app / "model" / name
         _copy_bundle(src, dest)
-        kind, origin = _write_weights(src, dest, checkpoints.get(name))
+        kind, origin, started = _write_weights(src, dest, checkpoints.get(name))
         model = dest / "models" / "model.pt"
-        record = {"weights": kind, "from": origin, "bundle": str(src.resolve()), "stamp": _file_stamp(model)}
+        record = {"weights": kind, "from": origin, "bundle": str(src.resolve()), "stamp": _file_stamp(model),
+                  "started_with": started}
         atomic_write_text(dest / "models" / WEIGHTS_RECORD, json.dumps(record, indent=2))
-        setups.append(BundleSetup(name, src, dest, kind, origin, _bundle_labels(dest)))
+        setups.append(BundleSetup(name, src, dest, kind, origin, bundle_labels(dest)))
     return setups
 
 
