@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from medunet.data.plan import Plan
 from medunet.io import InputError, load_checkpoint
+from medunet.io.errors import printable
 
 if TYPE_CHECKING:  # (predictor.py imports this module)
     from medunet.inference.predictor import Predictor, SegmentResult
@@ -84,7 +85,7 @@ def segment_inputs(
     def report(result: SegmentResult) -> None:
         if not result.ok:
             line = result.message if result.status in ("skipped", "ignored") else f"{result.status}: {result.message}"
-            tqdm.write(f"{prefix}: {line}", file=stream or sys.stderr)
+            tqdm.write(printable(f"{prefix}: {line}"), file=stream or sys.stderr)
 
     results = predictor.segment(inputs, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
                                 uncertainty=uncertainty, report=report, formats=formats)

@@ -43,7 +43,7 @@ from medunet.io import (
     write_like,
     write_nifti,
 )
-from medunet.io.errors import os_error_words
+from medunet.io.errors import os_error_words, printable
 from medunet.io.writable import output_file_problem, output_folder_problem
 
 __all__ = [
@@ -400,7 +400,7 @@ class Predictor:
             if report:
                 report(results[-1])
         folder_problem = None
-        if overwrite or any(not o.is_file() for path in paths
+        if overwrite or any(not _is_file(o) for path in paths
                             for o in output_paths(path, out_dir, save_probabilities, kind is not None,
                                                   formats).values()):
             folder_problem = output_folder_problem(out_dir)  # before any input is read or predicted
@@ -413,8 +413,11 @@ class Predictor:
             iterator = tqdm(paths, desc="files", unit="file")
         try:
             for path in iterator:
-                result = self._segment_one(path, out_dir, overwrite, save_probabilities, kind is not None, claimed,
-                                           folder_problem, inputs_resolved, formats)
+                try:
+                    result = self._segment_one(path, out_dir, overwrite, save_probabilities, kind is not None,
+                                               claimed, folder_problem, inputs_resolved, formats)
+                except Exception as e:  # _segment_one turns failures into results; this is the last guard
+                    result = SegmentResult(str(path), "failed", message=f"{path}: {_one_line(e)}")
                 results.append(result)
                 if report:
                     report(result)
@@ -444,7 +447,7 @@ class Predictor:
         # A case is complete when every requested output exists: skip it. An incomplete one (a run
         # killed between its writes) is predicted again and only its missing outputs are written, so
         # finished files are never touched without --overwrite.
-        todo = {kind: p for kind, p in outs.items() if overwrite or not p.is_file()}
+        todo = {kind: p for kind, p in outs.items() if overwrite or not _is_file(p)}
         if not todo:
             return SegmentResult(str(path), "skipped", outputs=[str(p) for p in outs.values()],
                                  message=f"{path}: skipped (exists): {', '.join(map(str, outs.values()))} "
@@ -572,7 +575,7 @@ def scan_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> tupl
     left_out: list[tuple[Path, str]] = []
     for item in items:
         p = Path(item)
-        if not p.is_dir():  # files, and missing/looping paths: reading them reports the problem
+        if not _is_dir(p):  # files, and missing/looping paths: reading them reports the problem
             paths.append(p)
             continue
         try:
@@ -582,16 +585,31 @@ def scan_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> tupl
             continue
         entries = [e for e in everything if not e.name.startswith(".")]
         hidden = [e for e in everything if e.name.startswith(".")]
-        if any(_named_like_image(e) and not e.is_dir() for e in entries):
+        if any(_named_like_image(e) and not _is_dir(e) for e in entries):
             paths.extend(entries)
             left_out.extend((e, "hidden entry (its name starts with '.'), not read as an input") for e in hidden)
             continue
-        subdirs = [e for e in entries if e.is_dir()]
-        files = [e for e in entries if not e.is_dir()]
+        subdirs = [e for e in entries if _is_dir(e)]
+        files = [e for e in entries if not _is_dir(e)]
         if files or not subdirs:
             paths.append(p)  # its files are one DICOM series (or it is empty: reading it says so)
         paths.extend(subdirs)
     return paths, left_out
+
+
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()``, False where it cannot be told (no search permission): reading it says why."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _named_like_image(path: Path) -> bool:
@@ -621,7 +639,7 @@ def summary_table(results: Sequence[SegmentResult]) -> str:
         if r.status == "ignored":
             status = r.message.split(": ignored: ", 1)[-1]
             status = f"ignored: {status}"
-        rows.append((Path(r.input).name or r.input, shape, f"{r.seconds:.2f}", status))
+        rows.append((printable(Path(r.input).name or r.input), shape, f"{r.seconds:.2f}", printable(status)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows]
     n_done = sum(r.done for r in results)

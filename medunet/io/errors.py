@@ -6,7 +6,13 @@ from __future__ import annotations
 import errno
 import os
 
-__all__ = ["InputError", "os_error_words"]
+__all__ = ["InputError", "os_error_words", "printable"]
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (a newline or tab in a file name...) written as escapes, so a
+    message naming any file stays on one line."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
 
 
 class InputError(ValueError):
@@ -15,7 +21,7 @@ class InputError(ValueError):
     def __init__(self, path: str | os.PathLike | None, reason: str) -> None:
         self.path = None if path is None else os.fspath(path)
         self.reason = " ".join(str(reason).split())  # one line, whatever the cause said
-        super().__init__(f"{self.path}: {self.reason}" if self.path else self.reason)
+        super().__init__(f"{printable(self.path)}: {self.reason}" if self.path else self.reason)
 
 
 _WORDS = {

@@ -323,6 +323,9 @@ def read_nifti(path: str | os.PathLike, check_finite: bool = True, dtype=np.floa
         array = np.asanyarray(img.dataobj)
     except (gzip.BadGzipFile, zlib.error, EOFError) as e:
         raise InputError(path, f"corrupt or truncated gzip data ({e})") from None
+    except MemoryError:
+        dims = "x".join(str(int(s)) for s in img.shape)
+        raise InputError(path, f"not enough free memory to load its {dims} voxels") from None
     except Exception as e:
         raise InputError(path, f"truncated or unreadable voxel data ({type(e).__name__}: {e})") from None
     if array.ndim < 2:

@@ -38,7 +38,13 @@ def output_folder_problem(folder: str | os.PathLike) -> str | None:
     creating and removing an empty temporary file (permission bits, read-only mounts, ACLs and
     capabilities all answer the same way they will for the real write).
     """
-    folder = Path(folder)
+    try:
+        return _folder_problem(Path(folder))
+    except OSError as e:  # e.g. a parent without search permission
+        return f"cannot be checked: {os_error_words(e)}"
+
+
+def _folder_problem(folder: Path) -> str | None:
     if folder.exists() and not folder.is_dir():
         return "exists and is a file, not a folder"
     blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
