@@ -43,11 +43,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_studies(folder: Path, cases: int) -> list[str]:
-    """``cases`` small CT phantoms and a crop of each (ids ``ct_00i`` and ``ct_00i_crop``)."""
+def make_studies(folder: Path, cases: int, size: str = "small") -> list[str]:
+    """``cases`` CT phantoms and a crop of each (ids ``ct_00i`` and ``ct_00i_crop``)."""
     from medunet.data.phantoms import generate_dataset
 
-    data = generate_dataset("ct", folder.parent / "phantoms", cases=cases, size="small", seed=2)
+    data = generate_dataset("ct", folder.parent / "phantoms", cases=cases, size=size, seed=2)
     folder.mkdir(parents=True, exist_ok=True)
     ids = []
     for img in sorted((data / "imagesTr").glob("*.nii.gz")):
@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=50, help="concurrent requests (default 50)")
     parser.add_argument("--cases", type=int, default=3, help="phantoms in the studies folder (each also cropped)")
+    parser.add_argument("--size", choices=["small", "default"], default="small",
+                        help="phantom size: small (48x48x24) or default (full-size CT)")
+    parser.add_argument("--no-segment", action="store_true",
+                        help="skip timing `medunet segment` on the same files and weights")
     parser.add_argument("--checkpoint", help="CT weights to serve (default: the bundle's, else random)")
     parser.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                         help="extra label-server --conf, e.g. infer_queue 8")
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
             url, pid = args.url.rstrip("/"), args.pid
             ids = sorted(requests.get(f"{url}/datastore/", params={"output": "all"}, timeout=30).json()["objects"])
         else:
-            ids = make_studies(work / "studies", args.cases)
+            ids = make_studies(work / "studies", args.cases, args.size)
             port = free_port()
             url = f"http://127.0.0.1:{port}"
             cmd = [sys.executable, "-m", "medunet.cli", "label-server", "--studies", str(work / "studies"),
@@ -148,6 +152,24 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"{image_id}: a single request failed ({status}: {body[:200]!r})")
             reference[image_id] = label_of(body, work, f"ref_{image_id}.nii.gz")
             print(f"  alone: {image_id} {reference[image_id].shape} {seconds:.2f} s")
+
+        if not args.url and not args.no_segment:  # the same files and weights through `medunet segment`
+            weights = work / "app" / "app" / "model" / args.model / "models" / "model.pt"
+            files = [work / "studies" / f"{i}.nii.gz" for i in ids]
+            cmd = [sys.executable, "-m", "medunet.cli", "segment", "--no-progress", "-i", *map(str, files), "-o",
+                   str(work / "segment"), "--bundle", str(REPO / "bundles" / args.model), "--checkpoint",
+                   str(weights), "--device", "cpu"]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                raise SystemExit(f"medunet segment failed: {r.stderr[-500:]}")
+            for image_id, file in zip(ids, files):
+                row = next(line.split() for line in r.stdout.splitlines() if line.startswith(file.name + " "))
+                same = np.array_equal(np.asarray(nib.load(str(work / "segment" / f"{image_id}_seg.nii.gz")).dataobj),
+                                      reference[image_id])
+                print(f"  medunet segment: {image_id} {row[2]} s; label {'identical to' if same else 'DIFFERS from'} "
+                      "/infer's")
+                if not same:
+                    return 1
 
         samples: list[float] = []
         stop = threading.Event()
