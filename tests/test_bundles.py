@@ -70,12 +70,21 @@ def test_bundle_layout(bundle):
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
-def test_verify_metadata_and_net_in_out(bundle):
-    from monai.bundle import verify_metadata, verify_net_in_out
+def test_verify_metadata(bundle):
+    from monai.bundle import verify_metadata
+
+    if not SCHEMA.is_file():
+        pytest.skip(f"MONAI's bundle metadata schema is not at {SCHEMA} (it lives in the shared data, "
+                    "outside the repository): metadata.json not checked against it")
+    meta = str(BUNDLES / bundle / "configs" / "metadata.json")
+    verify_metadata(meta_file=meta, filepath=str(SCHEMA))  # raises on any schema violation
+
+
+@pytest.mark.parametrize("bundle", BUNDLE_NAMES)
+def test_verify_net_in_out(bundle):
+    from monai.bundle import verify_net_in_out
 
     meta = str(BUNDLES / bundle / "configs" / "metadata.json")
-    if SCHEMA.exists():
-        verify_metadata(meta_file=meta, filepath=str(SCHEMA))  # raises on any schema violation
     verify_net_in_out("network_def", meta_file=meta, config_file=config_files(bundle, "inference")[0])
 
 

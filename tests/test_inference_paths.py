@@ -140,9 +140,10 @@ def test_one_input_lister(tmp_path):
 
     for name in ("b.nii.gz", "a.nii", "c.png"):
         (tmp_path / name).write_bytes(b"x")
-    (tmp_path / "notes.txt").write_text("no image")
+    (tmp_path / "notes.txt").write_text("no image")  # listed: reading it names it and its extension
+    (tmp_path / ".DS_Store").write_text("hidden")  # left out (segment reports it as ignored)
     assert [Path(d["image"]) for d in list_images(tmp_path)] == collect_inputs(tmp_path)
-    assert [p.name for p in collect_inputs(tmp_path)] == ["a.nii", "b.nii.gz", "c.png"]
+    assert [p.name for p in collect_inputs(tmp_path)] == ["a.nii", "b.nii.gz", "c.png", "notes.txt"]
 
 
 #: the train.json ids evaluate.json may use (the rest of train.json is the training path's to change)

@@ -347,7 +347,9 @@ def test_unreadable_entries_are_named(tmp_path, tiny_checkpoint):
 def test_output_folder_is_a_file(tmp_path, tiny_checkpoint, predictions):
     image = write_good_image(tmp_path / "in" / "a.nii.gz")
     (tmp_path / "taken").write_text("a file")
-    for out, words in ((tmp_path / "taken", "is a file"), (tmp_path / "taken" / "sub", "taken is a file")):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for out, words in ((tmp_path / "taken", "is a file"), (tmp_path / "taken" / "sub", "taken is a file"),
+                       (tmp_path / "dangling", "broken symbolic link")):
         res = run_cli(segment_argv([image], out, tiny_checkpoint))
         _assert_clean(res)
         assert res.code == 1, res.stderr

@@ -57,7 +57,7 @@ def nifti_folder(tmp_path_factory) -> Path:
         nib.save(nib.Nifti1Image(img.astype(np.int16), affine), str(folder / f"case_{i}.nii.gz"))
     good = (folder / "case_0.nii.gz").read_bytes()
     (folder / "broken.nii.gz").write_bytes(good[: len(good) // 3])  # truncated download
-    (folder / "notes.txt").write_text("not an image")  # ignored
+    (folder / "notes.txt").write_text("not an image")  # not segmented: named with its reason
     return folder
 
 
@@ -72,7 +72,8 @@ def test_folder_with_a_broken_file_segments_the_rest(bundle, nifti_folder, tmp_p
     assert code == EXIT_PARTIAL
     errors = [line for line in captured.err.splitlines() if "broken.nii.gz" in line]
     assert len(errors) == 1 and "truncated" in errors[0] or "corrupt" in errors[0]
-    assert "2/3 succeeded" in captured.out and "case_1.nii.gz" in captured.out
+    assert "2/4 succeeded" in captured.out and "case_1.nii.gz" in captured.out
+    assert len([line for line in captured.err.splitlines() if "notes.txt" in line and "extension" in line]) == 1
     assert sorted(p.name for p in out.iterdir()) == ["case_0_seg.nii.gz", "case_1_seg.nii.gz"]  # no temp files
     for i in range(2):
         src = nib.load(str(nifti_folder / f"case_{i}.nii.gz"))

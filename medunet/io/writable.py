@@ -45,6 +45,8 @@ def output_folder_problem(folder: str | os.PathLike) -> str | None:
 
 
 def _folder_problem(folder: Path) -> str | None:
+    if folder.is_symlink() and not folder.exists():
+        return f"is a broken symbolic link (to {os.readlink(folder)})"
     if folder.exists() and not folder.is_dir():
         return "exists and is a file, not a folder"
     blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
