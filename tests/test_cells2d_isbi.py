@@ -141,3 +141,18 @@ def test_overlap_tile_equals_one_pass_on_a_512_slice():
     assert whole.last_stats["windows"] == 1 and tiled.last_stats["windows"] > 4
     assert one_pass.shape == tiles.shape == (1, 2, 512, 512)
     torch.testing.assert_close(tiles, one_pass, atol=1e-4, rtol=1e-4)
+
+
+def test_a_time_budget_is_not_cut_short_by_the_epoch_default():
+    """Without a time budget the bundle trains 100 epochs; with one the clock alone ends the run."""
+    from monai.bundle import ConfigParser
+
+    def max_epochs(**overrides):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / "cells2d" / "configs" / "train.json"))
+        parser.update(overrides)
+        return parser.get_parsed_content("max_epochs")
+
+    assert max_epochs() == 100
+    assert max_epochs(time_budget=1680) >= 10**6
+    assert max_epochs(time_budget=60, max_epochs=3) == 3
