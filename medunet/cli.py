@@ -83,8 +83,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="also write <id>_uncertainty.nii.gz in [0, 1] (entropy; variance of TTA copies "
                         "with --tta)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--largest-component", action="store_true",
-                   help="keep the largest connected component of each class")
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep only the largest connected component of every class (--no-largest-component: "
+                        "of none; default: of the classes the plan lists, i.e. one object in every training label)")
     p.add_argument("--overlap", type=float, default=0.25, help="window overlap, 0 to <1 (default 0.25)")
     p.add_argument("--roi-size", type=int, nargs="+",
                    help="window size in voxels (default: the plan's patch scaled up to ~1M voxels)")

@@ -87,3 +87,66 @@ def test_receptive_field_matches_the_network_gradient(kernels, strides):
     expected = receptive_field(kernels, strides)
     # the formula is the largest field over output positions; a position's own may be a stride smaller
     assert all(e - 4 <= m <= e for m, e in zip(measured, expected)), (measured, expected)
+
+
+def _msd(tmp_path, labels):
+    """A tiny MSD CT dataset with the given label arrays (images: noise in HU)."""
+    import json
+
+    import nibabel as nib
+
+    root = tmp_path / "ds"
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    items = []
+    for i, lab in enumerate(labels):
+        img = rng.normal(40, 30, lab.shape).astype(np.float32)
+        affine = np.diag([1.0, 1.0, 2.0, 1.0])
+        nib.save(nib.Nifti1Image(img, affine), str(root / "imagesTr" / f"c{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(lab.astype(np.uint8), affine), str(root / "labelsTr" / f"c{i}.nii.gz"))
+        items.append({"image": f"./imagesTr/c{i}.nii.gz", "label": f"./labelsTr/c{i}.nii.gz"})
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "CT"}, "labels": {"0": "background", "1": "organ", "2": "kidney"},
+        "training": items}))
+    return root
+
+
+def test_classes_that_are_one_object_in_every_label_keep_their_largest_component(tmp_path):
+    labels = []
+    for shift in range(3):
+        lab = np.zeros((24, 24, 8), dtype=np.uint8)
+        lab[4 + shift:12, 4:12, 2:6] = 1  # one organ
+        lab[16:20, 2:6, 2:6] = 2  # two kidneys
+        lab[16:20, 16 + shift:20 + shift, 2:6] = 2
+        labels.append(lab)
+    labels[1][1, 1, 1] = 1  # a one-voxel speck of annotation noise does not make the organ two objects
+    plan = plan_dataset(_msd(tmp_path, labels))
+    assert plan.largest_component == [1]
+    fractions = plan.fingerprint["largest_component_fraction"]
+    assert fractions["1"] == pytest.approx(1 - 1 / (8 * 8 * 4 - 8 * 4 + 1), abs=1e-3) and fractions["2"] == 0.5
+    assert "largest component only" in format_plan(plan)
+
+
+def test_predictor_and_validation_clean_the_plans_classes():
+    from medunet.data.plan import Plan
+    from medunet.engines.builders import segmentation_postprocessing
+    from medunet.inference.predictor import Predictor
+
+    plan = Plan(labels={"background": 0, "organ": 1, "kidney": 2}, patch_size=[8, 8, 8], largest_component=[1])
+    net = create("dynunet", spatial_dims=3, in_channels=1, out_channels=3, kernel_size=[3, 3, 3], strides=[1, 2, 2],
+                 filters=[2, 4, 8])
+    assert Predictor(net, plan).largest_component == [1]
+    assert Predictor(net, plan, largest_component=True).largest_component == [1, 2]
+    assert Predictor(net, plan, largest_component=False).largest_component == []
+    lab = np.zeros((12, 12, 6), dtype=np.int64)
+    lab[1:4, 1:4, 1:3] = 1
+    lab[8:11, 8:11, 1:3] = 1  # a second, equally sized organ blob: one of them goes
+    lab[7:9, 1:3, 1:2] = 1  # a small island: goes
+    lab[1:3, 8:10, 1:3] = 2
+    lab[8:10, 1:3, 4:6] = 2  # kidney: two objects, both stay
+    onehot = torch.nn.functional.one_hot(torch.from_numpy(lab), 3).movedim(-1, 0).float()
+    out = segmentation_postprocessing(plan)({"pred": onehot, "label": torch.from_numpy(lab)[None].float()})
+    got = out["pred"].argmax(0).numpy()
+    assert (got == 2).sum() == (lab == 2).sum()
+    assert (got == 1).sum() == 3 * 3 * 2 and (got[7:9, 1:3, 1:2] == 0).all()

@@ -44,6 +44,10 @@ class Plan:
         fingerprint: raw statistics the plan was derived from (spacings, shapes, intensities…).
         mirror_axes: spatial axes the training augmentation mirrored, and so the axes test-time
             augmentation may mirror (as nnU-Net's ``inference_allowed_mirroring_axes``); ``None``: all.
+        largest_component: class values whose prediction keeps only its largest connected component
+            (the planner lists the classes that are one object in every training label, as nnU-Net's
+            postprocessing removes all but the largest component where that does not hurt); ``None``
+            or ``[]``: none.
     """
 
     labels: dict[str, int] = field(default_factory=lambda: {"background": 0, "foreground": 1})
@@ -60,6 +64,7 @@ class Plan:
     fingerprint: dict = field(default_factory=dict)
     version: int = 1
     mirror_axes: list[int] | None = None
+    largest_component: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.spatial_dims not in (2, 3):
@@ -76,6 +81,9 @@ class Plan:
             raise ValueError(f"plan: patch_size {self.patch_size} does not have {self.spatial_dims} axes")
         if self.mirror_axes is not None and any(int(a) not in range(self.spatial_dims) for a in self.mirror_axes):
             raise ValueError(f"plan: mirror_axes {self.mirror_axes} must be spatial axes 0…{self.spatial_dims - 1}")
+        if self.largest_component and any(int(c) not in values or int(c) == 0 for c in self.largest_component):
+            raise ValueError(f"plan: largest_component {self.largest_component} must be foreground label values "
+                             f"{[v for v in values if v]}")
 
     # -- derived ----------------------------------------------------------------------------------
     @property

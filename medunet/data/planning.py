@@ -46,6 +46,7 @@ _ANISOTROPY = 3.0
 _MAX_BATCH_FRACTION = 0.05  # a batch never covers more than 5 % of the dataset's voxels (nnU-Net)
 _MIN_COVERAGE = 0.25  # nnU-Net plans 3d_lowres when the full-resolution patch covers less of the median image
 _MAX_COARSENING = 4.0
+_SINGLE_OBJECT = 0.95  # a class is "one object" when its largest component holds this much of it in every case
 
 
 class NoUsableCases(ValueError):
@@ -163,6 +164,7 @@ def _case_fingerprint(item: dict, rng_seed: int, samples: int, read_voxels: bool
         label = label.array.reshape(spatial)
         mask = label > 0
         case["label_voxels"] = _value_counts(label)
+        case["largest_fraction"] = _largest_fractions(label, case["label_voxels"])
     rng = np.random.default_rng(rng_seed)
     case["foreground_samples"] = []
     nonzero = np.zeros(spatial, dtype=bool)
@@ -218,6 +220,22 @@ def _value_counts(label: np.ndarray) -> dict[str, int]:
     return {str(int(v)): int(c) for v, c in zip(uniq, counts)}
 
 
+def _largest_fractions(label: np.ndarray, counts: dict[str, int]) -> dict[str, float]:
+    """Per foreground value: the fraction of its voxels in its largest connected component (full
+    connectivity, as the Predictor's cleaning). 1.0: the class is one object in this label."""
+    from scipy import ndimage
+
+    out = {}
+    structure = np.ones((3,) * label.ndim, dtype=bool)
+    for value, count in counts.items():
+        if int(value) == 0 or not count:
+            continue
+        components, n = ndimage.label(np.rint(label) == int(value), structure=structure)
+        sizes = np.bincount(components.ravel())[1:] if n else np.zeros(1)
+        out[value] = float(sizes.max() / count) if n else 0.0
+    return out
+
+
 def _bbox_fraction(mask: np.ndarray) -> float:
     """Fraction of the image covered by the bounding box of ``mask`` (1 when empty) — nnU-Net's cue
     for z-scoring within the nonzero region."""
@@ -261,7 +279,9 @@ def fingerprint_dataset(
     Returns:
         ``{"n_cases", "cases": [{"image", "shape", "spacing"}…] (RAS frame), "spacing_median",
         "shape_median", "intensity": [per channel: mean, std, median, min, max, percentile_00_5,
-        percentile_99_5, samples], "nonzero_fraction_median", "label_voxels", "modality", "labels",
+        percentile_99_5, samples], "nonzero_fraction_median", "label_voxels", "largest_component_fraction"
+        (per class: the smallest fraction, over the cases, of its voxels in its largest connected
+        component), "modality", "labels",
         "failed": ["path: reason", …], "n_refused", "in_channels", "seconds"}``.
 
         A case is refused (one ``failed`` line per problem, naming the file; planning goes on with the
@@ -315,6 +335,10 @@ def fingerprint_dataset(
     intensity = [_stats(np.concatenate([c["foreground_samples"][ch] for c in sampled
                                         if len(c["foreground_samples"]) > ch] or [np.zeros(0)]))
                  for ch in range(n_channels)]
+    largest: dict[str, float] = {}
+    for c in sampled:
+        for k, v in c.get("largest_fraction", {}).items():
+            largest[k] = min(largest.get(k, 1.0), v)
     label_voxels: dict[str, int] = {}
     for c in sampled:
         for k, v in c.get("label_voxels", {}).items():
@@ -329,6 +353,7 @@ def fingerprint_dataset(
         "in_channels": n_channels,
         "nonzero_fraction_median": float(np.median([c["nonzero_fraction"] for c in sampled])) if sampled else 1.0,
         "label_voxels": dict(sorted(label_voxels.items(), key=lambda kv: int(kv[0]))),
+        "largest_component_fraction": dict(sorted(largest.items(), key=lambda kv: int(kv[0]))),
         "intensity_cases": len(sampled),
         "modality": meta["modality"],
         "labels": meta["labels"],
@@ -594,6 +619,7 @@ def plan_dataset(
         patch = _round_for_network(network, spatial_dims, in_channels, out_channels, patch, net_options)
 
     normalization = _normalization(fp)
+    single = _single_object_classes(fp, labels)
     modality = _modality_name(fp)
     summary = {k: v for k, v in fp.items() if k != "cases"}
     summary["cases"] = fp["cases"]
@@ -618,8 +644,20 @@ def plan_dataset(
         labels=dict(labels), spatial_dims=spatial_dims, modality=modality, in_channels=in_channels,
         orientation="RAS", target_spacing=[float(s) for s in target], normalization=normalization,
         patch_size=[int(p) for p in patch], batch_size=int(batch), network=net_options,
-        median_shape=[int(s) for s in median_shape], fingerprint=summary,
+        median_shape=[int(s) for s in median_shape], fingerprint=summary, largest_component=single,
     )
+
+
+def _single_object_classes(fp: dict, labels: dict[str, int]) -> list[int] | None:
+    """Classes that are one object in every training label (the largest connected component holds at
+    least ``_SINGLE_OBJECT`` of the class's voxels in every case with that class): their predictions
+    keep only the largest component. Decided from the shapes of the dataset's labels (the fingerprint),
+    never from predictions or validation scores; ``None`` when the fingerprint read no labels."""
+    fractions = fp.get("largest_component_fraction")
+    if not fractions:
+        return None
+    present = {int(k): v for k, v in fractions.items()}
+    return [v for v in sorted(set(labels.values())) if v and v in present and present[v] >= _SINGLE_OBJECT]
 
 
 def _round_for_network(name: str, dims: int, cin: int, cout: int, patch: list[int], options: dict) -> list[int]:
@@ -690,6 +728,10 @@ def format_plan(plan: Plan) -> str:
                      + f"  ({100 * est.get('patch_coverage', 0):.0f} % of the median image)"))
         rows.append(("receptive field", _fmt(est["receptive_field_voxels"]) + " voxels = "
                      + _fmt(est["receptive_field_mm"]) + " mm"))
+    if plan.largest_component:
+        names = plan.label_names
+        rows.append(("largest component only", ", ".join(names.get(int(c), str(c)) for c in plan.largest_component)
+                     + " (one object in every training label)"))
     if fp.get("lowres"):
         rows.append(("coarsened grid", f"from {_fmt(fp['lowres']['from_spacing'])} mm: a patch within the budget "
                                        f"covers >= {100 * fp['lowres']['min_coverage']:.0f} % of the median image"))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+import torch
 from ignite.engine import Engine, Events
-from monai.transforms import AsDiscreted, Compose
+from monai.transforms import AsDiscreted, Compose, Lambdad
 
 from medunet.engines.handlers import _output_loss, is_rank0
 
@@ -12,9 +15,24 @@ __all__ = ["segmentation_postprocessing", "Progress", "shared_handler"]
 
 def segmentation_postprocessing(plan, keys: tuple[str, str] = ("pred", "label")) -> Compose:
     """Per-case post-processing before metrics: ``pred`` logits ``(K, *S)`` → one-hot argmax ``(K, *S)``,
-    ``label`` map ``(1, *S)`` → one-hot ``(K, *S)``, ``K = plan.out_channels``."""
+    ``label`` map ``(1, *S)`` → one-hot ``(K, *S)``, ``K = plan.out_channels``; then, as the Predictor
+    does, only the largest connected component of each class in ``plan.largest_component``."""
     k = int(plan.out_channels)
-    return Compose([AsDiscreted(keys=list(keys), argmax=[True, False], to_onehot=[k, k])])
+    steps = [AsDiscreted(keys=list(keys), argmax=[True, False], to_onehot=[k, k])]
+    classes = [int(c) for c in (getattr(plan, "largest_component", None) or [])]
+    if classes:
+        steps.append(Lambdad(keys=keys[0], func=partial(_largest_component_onehot, classes=classes)))
+    return Compose(steps)
+
+
+def _largest_component_onehot(onehot: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """One-hot ``(K, *S)`` with only the largest connected component of each of ``classes`` kept (the
+    rest becomes background) — the Predictor's cleaning, on the metric's tensors."""
+    from medunet.inference.postprocess import keep_largest_component
+
+    label = keep_largest_component(onehot.argmax(dim=0), classes)
+    out = torch.nn.functional.one_hot(label.long(), onehot.shape[0]).movedim(-1, 0)
+    return out.to(device=onehot.device, dtype=onehot.dtype)
 
 
 class Progress:

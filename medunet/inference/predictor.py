@@ -132,7 +132,9 @@ class Predictor:
             the windows; windows are spread evenly, so the real overlap is often larger).
         mode: window blending, ``"gaussian"`` or ``"constant"``.
         sw_batch_size: windows per network call.
-        largest_component: keep only the largest connected component of each class.
+        largest_component: keep only the largest connected component of a class: ``None`` (default)
+            for the classes the plan lists (``plan.largest_component``, chosen by the planner from the
+            training labels), True for every class, False for none.
         uncertainty: ``None``, ``"entropy"`` (normalised entropy of the mean probabilities) or
             ``"variance"`` (TTA variance; needs ``tta``).
         progress: tqdm bars over files and windows.
@@ -168,7 +170,7 @@ class Predictor:
         overlap: float = 0.25,
         mode: str = "gaussian",
         sw_batch_size: int = 1,
-        largest_component: bool = False,
+        largest_component: bool | None = None,
         uncertainty: str | None = None,
         progress: bool = False,
         channels_last: bool = False,
@@ -188,7 +190,10 @@ class Predictor:
         self.device = resolve_device(device)
         self.network = network.to(self.device).eval()
         self.tta = tta
-        self.largest_component = largest_component
+        if largest_component is None:
+            self.largest_component = [int(c) for c in (plan.largest_component or [])]
+        else:
+            self.largest_component = list(range(1, plan.out_channels)) if largest_component else []
         self.uncertainty = uncertainty
         self.progress = progress
         self.body_crop = bool(body_crop) and plan.normalization.get("scheme") == "ct"
@@ -258,7 +263,7 @@ class Predictor:
                                              f"(intensities {low:.4g} to {high:.4g})")
             label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
         if self.largest_component:
-            label = keep_largest_component(label, range(1, self.plan.out_channels))
+            label = keep_largest_component(label, self.largest_component)
         out_shape = image.spatial_shape
         return Prediction(
             label=label.reshape(out_shape), image=image,
