@@ -179,7 +179,7 @@ def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, init: dict
 
     data = workdir / "phantoms"
     if not (data / "dataset.json").exists():
-        generate_dataset("ct", data, cases=cases + 1, seed=0, size="x".join(str(s) for s in PHANTOM_SHAPE))
+        generate_dataset("ct", data, cases=cases + 1, seed=0, size=PHANTOM_SHAPE)
     run = workdir / "bundle_run"
     overrides = {k: v for k, v in plan.to_dict().items() if k in ("target_spacing", "patch_size", "batch_size")}
     budget = seconds + (trained_seconds(init) if init is not None else 0.0)
