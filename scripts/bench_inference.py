@@ -53,6 +53,8 @@ from medunet.data.phantoms import generate_case
 from medunet.inference import PlanGrid, Predictor
 from medunet.inference.predictor import cpu_has_native_bf16
 from medunet.io import ImageData, load_checkpoint, save_checkpoint, write_nifti
+from medunet.metrics import label_agreement as dice
+from medunet.metrics import voxel_agreement as micro_dice
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE_PLAN = REPO / "bundles" / "ct" / "configs" / "plan.json"
@@ -92,23 +94,6 @@ def _rss_mib() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024.0
     return float("nan")
-
-
-def dice(a: np.ndarray, b: np.ndarray, classes) -> float:
-    """Mean Dice over ``classes`` (a class absent from both counts as 1)."""
-    scores = []
-    for c in classes:
-        x, y = a == c, b == c
-        denom = x.sum() + y.sum()
-        scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(x, y).sum() / denom)
-    return float(np.mean(scores))
-
-
-def micro_dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Voxel-weighted agreement of two label maps: 2·|same foreground label| / (|fg a| + |fg b|)."""
-    fa, fb = a > 0, b > 0
-    denom = fa.sum() + fb.sum()
-    return 1.0 if denom == 0 else float(2.0 * np.logical_and(fa, a == b).sum() / denom)
 
 
 def conv3d_roofline(dtype=torch.float32, channels=32, size=64, repeats=3) -> float:

@@ -20,11 +20,18 @@ from medunet.metrics.evaluate import (
     summary_metrics,
 )
 from medunet.metrics.report import overlay_png, representative_slice, summarize, write_report
-from medunet.metrics.segmentation import METRIC_NAMES, ClassDice, as_label_map, case_metrics
+from medunet.metrics.segmentation import (
+    METRIC_NAMES,
+    ClassDice,
+    as_label_map,
+    case_metrics,
+    label_agreement,
+    voxel_agreement,
+)
 
 __all__ = [
     "case_metrics", "ClassDice", "METRIC_NAMES", "as_label_map", "write_report", "summarize", "overlay_png",
     "representative_slice", "Evaluation", "EvaluationRun", "evaluate_files", "score_prediction",
     "summary_metrics", "label_map", "CELL_METRIC_NAMES", "adapted_rand", "cell_metrics", "pixel_error",
-    "rand_error", "warping_error",
+    "rand_error", "warping_error", "label_agreement", "voxel_agreement",
 ]

@@ -18,9 +18,27 @@ from ignite.metrics import Metric
 from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 from monai.networks.utils import one_hot
 
-__all__ = ["case_metrics", "ClassDice", "METRIC_NAMES", "as_label_map"]
+__all__ = ["case_metrics", "ClassDice", "METRIC_NAMES", "as_label_map", "label_agreement", "voxel_agreement"]
 
 METRIC_NAMES = ("dice", "hd95", "surface_dice")
+
+
+def label_agreement(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> float:
+    """Mean Dice of two label maps of one shape over ``classes`` — for comparing two predictions (e.g.
+    two tilings), so, unlike :func:`case_metrics`, a class absent from both counts as agreement (1)."""
+    scores = []
+    for c in classes:
+        x, y = a == c, b == c
+        denom = x.sum() + y.sum()
+        scores.append(1.0 if denom == 0 else 2.0 * np.logical_and(x, y).sum() / denom)
+    return float(np.mean(scores))
+
+
+def voxel_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Voxel-weighted agreement of two label maps: ``2·|same foreground label| / (|fg a| + |fg b|)``."""
+    fa, fb = a > 0, b > 0
+    denom = fa.sum() + fb.sum()
+    return 1.0 if denom == 0 else float(2.0 * np.logical_and(fa, a == b).sum() / denom)
 
 
 def as_label_map(x, channel_first: bool = True) -> torch.Tensor:
