@@ -599,7 +599,6 @@ def plan_dataset(
             target = [round(float(s), 6) for s in plan_spacing]
             plan_spacing = target
             resampled = shapes * spacings / np.asarray(target)
-    mem, flops = fit.cost(patch, strides, kernels, filters, min_batch_size)
     # batch: as many patches as the budgets allow, but at most 5 % of the dataset's voxels
     mem1, flops1 = fit.cost(patch, strides, kernels, filters, 1)
     batch = int(mem_budget // max(mem1, 1e-9))
