@@ -68,20 +68,24 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "segment", help="segment NIfTI files, folders of them, DICOM series or (2D models) PNG/TIFF images",
         description="Predict label maps in each input's exact geometry (shape, affine, sform/qform). "
-                    "Writes OUT/<id>_seg.nii.gz (.png for PNG/TIFF inputs); exit status 0 all ok, 3 some "
-                    "failed, 1 all failed.",
+                    "Writes OUT/<id>_seg.nii.gz (.png for PNG/TIFF inputs); files found in a sub-folder of an "
+                    "input folder (patients/p01/image.nii.gz) go to the same sub-folder of OUT "
+                    "(OUT/p01/image_seg.nii.gz). Exit status 0 all ok, 3 some failed, 1 all failed.",
     )
     p.add_argument("-i", "--input", required=True, nargs="+", metavar="IN",
-                   help="NIfTI file, folder of NIfTI/PNG/TIFF files, or a DICOM series folder")
+                   help="NIfTI file, folder of NIfTI/PNG/TIFF files, folder of patient folders (of such files "
+                        "or DICOM series), or a DICOM series folder")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--bundle", help="bundle folder (plan.json, models/model.pt)")
     p.add_argument("--checkpoint", help="weights file (default: <bundle>/models/model.pt)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--tta", action="store_true", help="mirroring test-time augmentation (2^dims passes)")
-    p.add_argument("--save-probabilities", action="store_true", help="also write <id>_probabilities.nii.gz")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <id>_probabilities.nii.gz (for PNG/TIFF inputs <id>_probabilities.tiff: "
+                        "float32, one page per class)")
     p.add_argument("--uncertainty", nargs="?", const="auto", choices=["auto", "entropy", "variance"],
-                   help="also write <id>_uncertainty.nii.gz in [0, 1] (entropy; variance of TTA copies "
-                        "with --tta)")
+                   help="also write <id>_uncertainty.nii.gz in [0, 1] (.tiff for PNG/TIFF inputs; entropy; "
+                        "variance of TTA copies with --tta)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=None,
                    help="keep only the largest connected component of every class (--no-largest-component: "

@@ -282,21 +282,20 @@ def test_every_entry_of_an_input_folder_is_segmented_or_named(tmp_path, tiny_che
     (folder / "noextension").write_bytes(b"\x00" * 64)
     (folder / "broken.nii.gz").symlink_to(tmp_path / "gone.nii.gz")
     (folder / "broken_link").symlink_to(tmp_path / "gone")
-    write_good_image(folder / "nested" / "x.nii.gz")  # a sub-folder of NIfTI files
+    nested = write_good_image(folder / "nested" / "x.nii.gz")  # a sub-folder of NIfTI files: its files are read
     (folder / "empty_dir").mkdir()
     series = hostile.write_dicom_series(folder / "series", series_uid="1.2.3.4.9")  # a DICOM series: segmented
     (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     (folder / "._a_good.nii.gz").write_bytes(b"\x00\x05\x16\x07")  # macOS resource fork
-    refused = ["case.nii.gz", "notes.txt", "scan.nrrd", "noextension", "broken.nii.gz", "broken_link", "nested",
-               "empty_dir"]
+    refused = ["case.nii.gz", "notes.txt", "scan.nrrd", "noextension", "broken.nii.gz", "broken_link", "empty_dir"]
     reasons = {"case.nii.gz": "folder", "notes.txt": "extension", "scan.nrrd": "extension",
-               "noextension": "extension", "broken.nii.gz": "link", "broken_link": "link", "nested": "not a DICOM",
-               "empty_dir": "empty"}
+               "noextension": "extension", "broken.nii.gz": "link", "broken_link": "link", "empty_dir": "empty"}
     res = run_cli(segment_argv([folder], out, tiny_checkpoint))
     _assert_clean(res)
     assert res.code == 3, res.stderr
     _label_like(out / "a_good_seg.nii.gz", good)
     assert nib.load(str(out / "series_seg.nii.gz")).shape == read_image(series).spatial_shape
+    _label_like(out / "nested" / "x_seg.nii.gz", nested)  # mirrored into its sub-folder
     for name in refused:
         lines = [ln for ln in res.lines if f"{folder / name}:" in ln]
         assert len(lines) == 1 and "failed" in lines[0], f"{name}:\n{res.stderr}"
@@ -304,7 +303,7 @@ def test_every_entry_of_an_input_folder_is_segmented_or_named(tmp_path, tiny_che
     for name in (".DS_Store", "._a_good.nii.gz"):
         lines = [ln for ln in res.lines if f"{folder / name}:" in ln]
         assert len(lines) == 1 and "ignored" in lines[0] and "hidden" in lines[0], f"{name}:\n{res.stderr}"
-    assert sorted(p.name for p in out.iterdir()) == ["a_good_seg.nii.gz", "series_seg.nii.gz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_good_seg.nii.gz", "nested", "series_seg.nii.gz"]
 
 
 def test_hidden_entries_alone_are_no_success(tmp_path, tiny_checkpoint):

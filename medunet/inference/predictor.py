@@ -14,9 +14,11 @@ Pipeline for one image (``Predictor.predict_image``):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,17 +39,18 @@ from medunet.io import (
     InputError,
     image_id,
     is_2d_image,
+    is_dicom_file,
     is_nifti,
     load_weights,
     read_image,
     write_like,
-    write_nifti,
+    write_maps_like,
 )
 from medunet.io.errors import os_error_words, printable
 from medunet.io.writable import output_file_problem, output_folder_problem
 
 __all__ = [
-    "Predictor", "Prediction", "SegmentResult", "collect_inputs", "scan_inputs", "resolve_plan", "summary_table",
+    "Predictor", "Prediction", "SegmentResult", "collect_inputs", "scan_inputs", "scan_input_folders", "resolve_plan", "summary_table",
     "resolve_device", "output_paths", "nonzero_box", "nonzero_box_affine", "body_box",
 ]
 
@@ -364,13 +367,21 @@ class Predictor:
         report: Callable[[SegmentResult], None] | None = None,
         formats: Sequence[str] | str = ("nifti",),
     ) -> list[SegmentResult]:
-        """Segment a file, a folder of images, a DICOM series folder, or a list of those.
+        """Segment a file, a folder of images, a folder of patient folders, a DICOM series folder, or
+        a list of those.
 
         Writes ``<out_dir>/<id>_seg.nii.gz`` (uint8 label, input geometry; ``.png`` for PNG/TIFF
         inputs), with ``save_probabilities`` ``<id>_probabilities.nii.gz`` (float32, X×Y×Z×K) and with
-        ``uncertainty`` ``<id>_uncertainty.nii.gz`` (float32 in [0, 1]). Every file is written
-        atomically. A failing input is recorded and the next one processed; existing outputs are kept
-        (status ``"skipped"``) unless ``overwrite``. ``report`` is called with each result as it comes.
+        ``uncertainty`` ``<id>_uncertainty.nii.gz`` (float32 in [0, 1]); for PNG/TIFF inputs those two
+        are float32 TIFFs of the input's size, ``<id>_probabilities.tiff`` with one page per class and
+        ``<id>_uncertainty.tiff``. Every file is written atomically. A failing input is recorded and the
+        next one processed; existing outputs are kept (status ``"skipped"``) unless ``overwrite``.
+        ``report`` is called with each result as it comes.
+
+        Files found in a sub-folder of an input folder (``patients/p01/image.nii.gz``) are written to
+        the same sub-folder of ``out_dir`` (``<out_dir>/p01/image_seg.nii.gz``, created as needed), so
+        patients whose files share a name do not collide (:func:`scan_input_folders`). Inputs given one
+        by one whose outputs would share a name fail with an error naming both.
 
         Every input entry gets a result: hidden entries of a scanned folder are ``"ignored"`` with the
         reason (:func:`scan_inputs`), whatever goes wrong reading, predicting or writing one input
@@ -394,7 +405,7 @@ class Predictor:
         out_dir = Path(out_dir)
         results: list[SegmentResult] = []
         try:
-            paths, left_out = scan_inputs(inputs)
+            found, left_out = scan_input_folders(inputs)
         except InputError as e:
             result = SegmentResult(input=str(e.path), status="failed", message=str(e))
             if report:
@@ -404,23 +415,40 @@ class Predictor:
             results.append(SegmentResult(str(entry), "ignored", message=f"{entry}: ignored: {reason}"))
             if report:
                 report(results[-1])
-        folder_problem = None
-        if overwrite or any(not _is_file(o) for path in paths
-                            for o in output_paths(path, out_dir, save_probabilities, kind is not None,
-                                                  formats).values()):
-            folder_problem = output_folder_problem(out_dir)  # before any input is read or predicted
-        inputs_resolved = frozenset(_resolved(path) for path in paths)
+        # every output folder that will be written to is checked (and created) before any input is read
+        # or predicted; sub-folders created here that end up empty (their inputs failed) are removed
+        pending: dict[Path, None] = {}  # the folders some output will be written to, in input order
+        for path, rel in found:
+            folder = out_dir / rel
+            if folder not in pending and (overwrite or any(
+                    not _is_file(o) for o in output_paths(path, folder, save_probabilities, kind is not None,
+                                                          formats).values())):
+                pending[folder] = None
+        folder_problems: dict[Path, str | None] = {}
+        created: list[Path] = []
+        if pending:
+            top = output_folder_problem(out_dir)
+            for folder in pending:
+                if top is not None or folder == out_dir:  # a sub-folder of an unusable folder: that one's problem
+                    folder_problems[folder] = None if top is None else f"output folder {out_dir} {top}"
+                    continue
+                if not _exists(folder):
+                    created.append(folder)
+                problem = output_folder_problem(folder)
+                folder_problems[folder] = None if problem is None else f"output folder {folder} {problem}"
+        inputs_resolved = frozenset(_resolved(path) for path, _ in found)
         claimed: dict[Path, str] = {}
-        iterator = paths
-        if self.progress and len(paths) > 1:
+        iterator = found
+        if self.progress and len(found) > 1:
             from tqdm.auto import tqdm
 
-            iterator = tqdm(paths, desc="files", unit="file")
+            iterator = tqdm(found, desc="files", unit="file")
         try:
-            for path in iterator:
+            for path, rel in iterator:
+                folder = out_dir / rel
                 try:
-                    result = self._segment_one(path, out_dir, overwrite, save_probabilities, kind is not None,
-                                               claimed, folder_problem, inputs_resolved, formats)
+                    result = self._segment_one(path, folder, overwrite, save_probabilities, kind is not None,
+                                               claimed, folder_problems.get(folder), inputs_resolved, formats)
                 except Exception as e:  # _segment_one turns failures into results; this is the last guard
                     result = SegmentResult(str(path), "failed", message=f"{path}: {_one_line(e)}")
                 results.append(result)
@@ -428,6 +456,9 @@ class Predictor:
                     report(result)
         finally:
             self.uncertainty = previous
+            for folder in created:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty: nothing of this run (or another) is in it
         return results
 
     def _segment_one(self, path: Path, out_dir: Path, overwrite: bool, save_probabilities: bool,
@@ -439,10 +470,13 @@ class Predictor:
         from medunet.io.dicom.outputs import DICOM_FORMATS, build_dicom_outputs, write_dicom_outputs
 
         outs = output_paths(path, out_dir, save_probabilities, save_uncertainty, formats)
-        clash = next((claimed[p] for p in outs.values() if p in claimed), None)
-        if clash is not None:
-            return SegmentResult(str(path), "failed", message=f"{path}: output name {next(iter(outs.values())).name} "
-                                 f"collides with that of {clash}; rename one of them")
+        taken = next((p for p in outs.values() if p in claimed), None)
+        if taken is not None:
+            clash = claimed[taken]
+            hint = ("" if Path(clash).parent == path.parent else
+                    f", or give the folder holding both as the input ({out_dir} then mirrors its sub-folders)")
+            return SegmentResult(str(path), "failed", message=f"{path}: output name {taken.name} collides with "
+                                 f"that of {clash} (both {taken}); rename one of them{hint}")
         for p in outs.values():
             claimed[p] = str(path)
         if inputs and any(_resolved(p) in inputs for p in outs.values()):
@@ -460,8 +494,8 @@ class Predictor:
         def failed(message: str) -> SegmentResult:
             return SegmentResult(str(path), "failed", seconds=time.perf_counter() - start, message=message)
 
-        if folder_problem is not None:
-            return failed(f"{path}: not segmented: output folder {out_dir} {folder_problem}")
+        if folder_problem is not None:  # "output folder <folder> <why>"
+            return failed(f"{path}: not segmented: {folder_problem}")
         for target in todo.values():
             problem = output_file_problem(target)
             if problem is not None:
@@ -480,13 +514,12 @@ class Predictor:
             if "label" in todo:
                 target = outs["label"]
                 write_like(pred.label, image, target, dtype=np.uint8)
-            if "probabilities" in todo:
+            if "probabilities" in todo:  # (K, *S): X×Y×Z×K NIfTI, or a K-page TIFF for a 2D image
                 target = outs["probabilities"]
-                write_nifti(np.moveaxis(pred.probabilities, 0, -1), image.affine, target,
-                            header=image.header, dtype=np.float32)
+                write_maps_like(pred.probabilities, image, target)
             if "uncertainty" in todo:
                 target = outs["uncertainty"]
-                write_nifti(pred.uncertainty, image.affine, target, header=image.header, dtype=np.float32)
+                write_maps_like(pred.uncertainty, image, target)
             for fmt in dicom:
                 target = todo[fmt]
                 write_dicom_outputs({fmt: dicom[fmt]}, todo)
@@ -535,20 +568,22 @@ def body_box(x: torch.Tensor, threshold: float = -500.0, margin: int = 16, facto
 
 def output_paths(path: str | os.PathLike, out_dir: str | os.PathLike, probabilities: bool = False,
                  uncertainty: bool = False, formats: Sequence[str] | str = ("nifti",)) -> dict[str, Path]:
-    """Where :meth:`Predictor.segment` writes the outputs for ``path`` (``formats``: see
-    :func:`medunet.io.dicom.outputs.parse_formats`)."""
+    """Where :meth:`Predictor.segment` writes the outputs for ``path`` in the folder ``out_dir``
+    (``formats``: see :func:`medunet.io.dicom.outputs.parse_formats`): ``<id>_seg.nii.gz``, and
+    ``<id>_probabilities.nii.gz`` / ``<id>_uncertainty.nii.gz``; for a PNG/TIFF input
+    ``<id>_seg.png`` and ``<id>_probabilities.tiff`` / ``<id>_uncertainty.tiff``."""
     from medunet.io.dicom.outputs import dicom_output_names, parse_formats
 
     out_dir = Path(out_dir)
     case = image_id(path)
-    label_ext = ".png" if is_2d_image(path) else ".nii.gz"
+    label_ext, map_ext = (".png", ".tiff") if is_2d_image(path) else (".nii.gz", ".nii.gz")
     formats = parse_formats(formats)
     outs = {"label": out_dir / f"{case}_seg{label_ext}"} if "nifti" in formats else {}
     outs.update(dicom_output_names(case, out_dir, formats))
     if probabilities:
-        outs["probabilities"] = out_dir / f"{case}_probabilities.nii.gz"
+        outs["probabilities"] = out_dir / f"{case}_probabilities{map_ext}"
     if uncertainty:
-        outs["uncertainty"] = out_dir / f"{case}_uncertainty.nii.gz"
+        outs["uncertainty"] = out_dir / f"{case}_uncertainty{map_ext}"
     return outs
 
 
@@ -561,51 +596,111 @@ def scan_inputs(inputs: str | os.PathLike | Iterable[str | os.PathLike]) -> tupl
     """Expand inputs into what to read, and what is left out with the reason.
 
     * a file (or a missing path, a broken link) is read as it is;
-    * a folder holding image files (NIfTI/PNG/TIFF names): every entry in it, sorted — its image
-      files, and also its other files, sub-folders (each read as a DICOM series) and links, so that
-      every entry is segmented or refused by the reader with its reason (unknown extension, a folder
-      named like a file, a broken link...); hidden entries (``.name``: e.g. macOS ``._*`` and
-      ``.DS_Store`` files, unfinished temporary files) are left out, each with its reason;
-    * a folder of folders only: each sub-folder (one DICOM series each);
-    * any other folder: itself as one DICOM series, and each of its sub-folders as another.
+    * a folder holding image files (NIfTI/PNG/TIFF names) is read as those files: every entry in it,
+      sorted — its image files, and also its other files and links, so that every entry is segmented
+      or refused by the reader with its reason (unknown extension, a broken link...); its DICOM files
+      (``DICM`` marker or ``.dcm`` name), if any, are read together as one series (the folder itself);
+    * a sub-folder of an input folder that holds image files (a patient folder such as ``p01/`` with
+      ``image.nii.gz``) is read the same way, and its own sub-folders as DICOM series; any other
+      sub-folder is one DICOM series (or, named like a file or empty, refused by the reader);
+    * a folder of folders only: each sub-folder, as above;
+    * any other folder: itself as one DICOM series, and each of its sub-folders as above.
 
-    Never raises for a bad item: unreadable folders are returned as they are, so that reading them
-    fails for that item alone (one error line) and a batch goes on with the others.
+    Hidden entries (``.name``: e.g. macOS ``._*`` and ``.DS_Store`` files, unfinished temporary files)
+    of a folder read as its files are left out, each with its reason. Never raises for a bad item:
+    unreadable folders are returned as they are, so that reading them fails for that item alone (one
+    error line) and a batch goes on with the others.
 
     Returns:
         ``(paths to read, [(path, reason) left out])``.
     """
+    found, left_out = scan_input_folders(inputs)
+    return [path for path, _ in found], left_out
+
+
+def scan_input_folders(inputs: str | os.PathLike | Iterable[str | os.PathLike],
+                       ) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
+    """:func:`scan_inputs` with, for each path to read, the sub-folder its outputs go to, relative to
+    the output folder: ``Path(".")`` for a file given as it is and for an entry directly in an input
+    folder (a DICOM series folder included), ``Path("p01")`` for an entry found in the sub-folder
+    ``p01`` of an input folder. Outputs so mirror the input folder and never collide.
+
+    Returns:
+        ``([(path to read, relative output sub-folder)], [(path, reason) left out])``.
+    """
     items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    paths: list[Path] = []
+    here = Path(".")
+    found: list[tuple[Path, Path]] = []
     left_out: list[tuple[Path, str]] = []
     for item in items:
         p = Path(item)
-        if not _is_dir(p):  # files, and missing/looping paths: reading them reports the problem
-            paths.append(p)
+        listing = _listing(p) if _is_dir(p) else None
+        if listing is None:  # files, missing/looping paths, unreadable folders: reading them says what is wrong
+            found.append((p, here))
             continue
-        try:
-            everything = sorted(p.iterdir())
-        except OSError:  # unreadable folder: reading it reports why
-            paths.append(p)
-            continue
-        entries = [e for e in everything if not e.name.startswith(".")]
-        hidden = [e for e in everything if e.name.startswith(".")]
-        if any(_named_like_image(e) and not _is_dir(e) for e in entries):
-            paths.extend(entries)
-            left_out.extend((e, "hidden entry (its name starts with '.'), not read as an input") for e in hidden)
+        entries, hidden = listing
+        if _holds_images(entries):
+            found.extend(_image_folder_entries(p, entries, hidden, here, left_out, expand=True))
             continue
         subdirs = [e for e in entries if _is_dir(e)]
-        files = [e for e in entries if not _is_dir(e)]
-        if files or not subdirs:
-            paths.append(p)  # its files are one DICOM series (or it is empty: reading it says so)
-        paths.extend(subdirs)
-    return paths, left_out
+        if len(subdirs) < len(entries) or not subdirs:
+            found.append((p, here))  # its files are one DICOM series (or it is empty: reading it says so)
+        for sub in subdirs:
+            found.extend(_subfolder_entries(sub, left_out))
+    return found, left_out
+
+
+def _listing(folder: Path) -> tuple[list[Path], list[Path]] | None:
+    """``(entries, hidden entries)`` of a folder, sorted; None when it cannot be listed."""
+    try:
+        everything = sorted(folder.iterdir())
+    except OSError:
+        return None
+    return [e for e in everything if not e.name.startswith(".")], [e for e in everything if e.name.startswith(".")]
+
+
+def _holds_images(entries: Sequence[Path]) -> bool:
+    return any(_named_like_image(e) and not _is_dir(e) for e in entries)
+
+
+def _subfolder_entries(sub: Path, left_out: list[tuple[Path, str]]) -> list[tuple[Path, Path]]:
+    """A sub-folder of an input folder: its files when it holds images (outputs in ``<sub name>/``),
+    else itself as one DICOM series (outputs beside the other entries')."""
+    listing = None if _named_like_image(sub) else _listing(sub)
+    if listing is None or not _holds_images(listing[0]):
+        return [(sub, Path("."))]
+    return _image_folder_entries(sub, *listing, Path(sub.name), left_out, expand=False)
+
+
+def _image_folder_entries(folder: Path, entries: list[Path], hidden: list[Path], rel: Path,
+                          left_out: list[tuple[Path, str]], expand: bool) -> list[tuple[Path, Path]]:
+    """The entries of a folder holding image files, each with the output sub-folder ``rel``; its
+    DICOM files as one entry, the folder itself (outputs beside the folder's own); its sub-folders
+    expanded by :func:`_subfolder_entries` when ``expand``, else each one DICOM series."""
+    left_out.extend((e, "hidden entry (its name starts with '.'), not read as an input") for e in hidden)
+    found: list[tuple[Path, Path]] = []
+    series = False
+    for entry in entries:
+        if _is_dir(entry):
+            found.extend(_subfolder_entries(entry, left_out) if expand else [(entry, rel)])
+        elif not _named_like_image(entry) and is_dicom_file(entry):
+            series = True
+        else:
+            found.append((entry, rel))
+    return ([(folder, Path("."))] if series else []) + found
 
 
 def _is_dir(path: Path) -> bool:
     """``path.is_dir()``, False where it cannot be told (no search permission): reading it says why."""
     try:
         return path.is_dir()
+    except OSError:
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
     except OSError:
         return False
 
@@ -638,13 +733,17 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
 def summary_table(results: Sequence[SegmentResult]) -> str:
     """A plain-text table: file, shape, seconds, status (and the reason for failures)."""
     rows = [("file", "shape", "time (s)", "status")]
+    counts = Counter(Path(r.input).name for r in results)
+    repeated = {n for n, c in counts.items() if c > 1}  # p01/image.nii.gz, p02/image.nii.gz: shown with the folder
     for r in results:
         shape = "x".join(str(s) for s in r.shape) if r.shape else "-"
         status = {"ok": "ok", "skipped": "skipped (exists)"}.get(r.status, f"{r.status}: {r.message}")
         if r.status == "ignored":
             status = r.message.split(": ignored: ", 1)[-1]
             status = f"ignored: {status}"
-        rows.append((printable(Path(r.input).name or r.input), shape, f"{r.seconds:.2f}", printable(status)))
+        name = Path(r.input).name
+        name = str(Path(Path(r.input).parent.name, name)) if name in repeated else name
+        rows.append((printable(name or r.input), shape, f"{r.seconds:.2f}", printable(status)))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     lines = [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c:>{widths[2]}}  {d}" for a, b, c, d in rows]
     n_done = sum(r.done for r in results)

@@ -9,6 +9,7 @@ from medunet.io.image import (
     ImageData,
     image_id,
     is_2d_image,
+    is_dicom_file,
     is_nifti,
     read_2d_image,
     read_dicom_series,
@@ -17,11 +18,12 @@ from medunet.io.image import (
     read_nifti_header,
     validate_affine,
     write_like,
+    write_maps_like,
     write_nifti,
 )
 
 __all__ = [
     "InputError", "ImageData", "read_image", "read_nifti", "read_nifti_header", "read_dicom_series", "read_2d_image",
     "write_nifti", "write_like", "validate_affine", "atomic_path", "atomic_write_bytes",
-    "atomic_write_text", "save_checkpoint", "load_checkpoint", "load_weights", "extract_state_dict", "is_nifti", "is_2d_image", "image_id", "NIFTI_SUFFIXES", "IMAGE2D_SUFFIXES",
+    "atomic_write_text", "save_checkpoint", "load_checkpoint", "load_weights", "extract_state_dict", "is_nifti", "is_2d_image", "is_dicom_file", "write_maps_like", "image_id", "NIFTI_SUFFIXES", "IMAGE2D_SUFFIXES",
 ]

@@ -30,6 +30,7 @@ import gzip
 import logging
 import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from medunet.io.errors import InputError
 __all__ = [
     "ImageData", "read_image", "read_nifti", "read_nifti_header", "read_dicom_series", "read_2d_image", "write_nifti",
     "write_like", "validate_affine", "is_nifti", "is_2d_image", "NIFTI_SUFFIXES", "IMAGE2D_SUFFIXES",
-    "image_id", "scalar_voxels", "to_float32", "voxel_type_problem",
+    "image_id", "scalar_voxels", "to_float32", "voxel_type_problem", "is_dicom_file", "write_maps_like",
 ]
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -59,6 +60,23 @@ def is_nifti(path: str | os.PathLike) -> bool:
 
 def is_2d_image(path: str | os.PathLike) -> bool:
     return str(path).lower().endswith(IMAGE2D_SUFFIXES)
+
+
+def is_dicom_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a readable, non-empty file that looks like DICOM: the ``DICM`` marker at byte
+    128 (Part 10), or a ``.dcm`` name. False for folders, links that lead nowhere, unreadable files and
+    anything but a regular file (a FIFO is never opened), so that reading them as files names their
+    problem."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return False
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:  # a broken link, no permission
+        return False
+    if len(head) == 132 and head[128:] == b"DICM":
+        return True
+    return bool(head) and str(path).lower().endswith(".dcm")
 
 
 def image_id(path: str | os.PathLike) -> str:
@@ -538,10 +556,12 @@ def _check_dicom_folder_candidate(folder: Path) -> None:
         raise InputError(folder, f"is a folder, though its name is that of a {kind} file; "
                                  "expected a file (or a DICOM series folder with another name)")
     try:
-        images = [e.name for e in folder.iterdir() if (is_nifti(e) or is_2d_image(e)) and not e.name.startswith(".")]
+        entries = [e for e in folder.iterdir() if not e.name.startswith(".")]
     except OSError:
         return  # read_dicom_series says why the folder cannot be listed
-    if images:
+    images = [e.name for e in entries if is_nifti(e) or is_2d_image(e)]
+    # a patient folder may hold DICOM slices beside NIfTI/PNG files: the slices are its series
+    if images and not any(is_dicom_file(e) for e in entries if not (is_nifti(e) or is_2d_image(e))):
         raise InputError(folder, f"is a folder of {len(images)} image file(s) (e.g. {sorted(images)[0]}), not a "
                                  "DICOM series; give the folder itself as an input to segment its files")
 
@@ -614,6 +634,37 @@ def write_like(array: np.ndarray, reference: ImageData, path: str | os.PathLike,
     if reference.source == "2d":
         return _write_2d(array, path, overwrite)
     return write_nifti(array, reference.affine, path, header=reference.header, dtype=dtype, overwrite=overwrite)
+
+
+def write_maps_like(maps: np.ndarray, reference: ImageData, path: str | os.PathLike, overwrite: bool = True) -> Path:
+    """Write float32 maps (probabilities ``(K, *S)`` or one map ``(*S)``, ``S`` the reference's spatial
+    shape) in the reference's geometry, atomically.
+
+    A 2D image reference and a ``.tif``/``.tiff`` path give a float32 multi-page TIFF, one page per map
+    (each page ``S`` in the input's pixel layout: width X, height Y); anything else a NIfTI with the
+    reference's header, maps on the last axis (``X×Y×Z×K``).
+    """
+    maps = np.asarray(maps, dtype=np.float32)
+    d = reference.spatial_dims
+    stacked = maps.ndim == d + 1
+    if tuple(maps.shape[int(stacked):]) != reference.spatial_shape or maps.ndim not in (d, d + 1):
+        raise ValueError(f"{path}: maps of shape {maps.shape} do not match reference {reference.spatial_shape}")
+    if reference.source == "2d" and str(path).lower().endswith((".tif", ".tiff")):
+        return _write_float_tiff(maps if stacked else maps[None], path, overwrite)
+    data = np.moveaxis(maps, 0, -1) if stacked else maps
+    return write_nifti(data, reference.affine, path, header=reference.header, dtype=np.float32, overwrite=overwrite)
+
+
+def _write_float_tiff(pages: np.ndarray, path: str | os.PathLike, overwrite: bool) -> Path:
+    """``pages`` ``(K, X, Y)`` float32 → a K-page 32-bit float TIFF (PIL mode ``F``), atomically."""
+    from PIL import Image
+
+    if pages.shape[0] == 0 or not all(int(s) > 0 for s in pages.shape):
+        raise ValueError(f"{path}: refusing to write an empty array {pages.shape}")
+    frames = [Image.fromarray(np.ascontiguousarray(page.T, dtype=np.float32)) for page in pages]
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        frames[0].save(tmp, format="TIFF", save_all=True, append_images=frames[1:], compression="tiff_adobe_deflate")
+    return Path(path)
 
 
 def _write_2d(array: np.ndarray, path: str | os.PathLike, overwrite: bool) -> Path:
