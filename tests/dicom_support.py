@@ -93,6 +93,19 @@ def write_ct_series(folder: Path, shape=(32, 32, 8), spacing=(0.8, 0.9, 2.5), or
                   sop_instances=uids, lps=lps, shape=tuple(shape), datasets=datasets)
 
 
+def series_from_nifti(image: Path, folder: Path, **kwargs) -> Series:
+    """A NIfTI CT volume (e.g. a phantom) as a CT series in ``folder``: same voxels (rounded to int16 HU)
+    and the same geometry, RAS affine turned into DICOM's LPS; ``kwargs`` go to :func:`write_ct_series`."""
+    import nibabel as nib
+
+    img = nib.load(str(image))
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ img.affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    volume = np.round(np.asarray(img.dataobj)).astype(np.int16)
+    return write_ct_series(folder, shape=volume.shape, spacing=tuple(spacing), origin=tuple(lps[:3, 3]),
+                           direction=lps[:3, :3] / spacing, volume=volume, **kwargs)
+
+
 def _ct_slice(plane: np.ndarray, lps: np.ndarray, k: int, direction, spacing, study, series, frame, patient,
               tilt: bool = False) -> Dataset:
     meta = FileMetaDataset()

@@ -150,3 +150,40 @@ def test_label_infer_task_keeps_the_last_good_model_when_new_weights_do_not_load
     new_state = extract_state_dict(load_checkpoint(other))
     served_state = task.predictor("cpu").network.state_dict()
     assert all(torch.equal(served_state[k].cpu(), new_state[k]) for k in new_state)
+
+
+def test_label_infer_task_answers_a_dicom_series_with_medunet_segments_dicom_seg(tmp_path, monkeypatch):
+    import dicom_support
+
+    from medunet.io import read_image
+    from medunet.io.dicom import read_dicom_seg
+
+    ckpt = random_checkpoint(tmp_path / "trained", tiny_plan("ct"))
+    task, source, _ = _served_task(tmp_path, monkeypatch, ckpt)
+    series = dicom_support.series_from_nifti(source, tmp_path / "oblique_series")  # the oblique phantom as CT slices
+    out_file, result = task({"image": str(series.folder), "device": "cpu", "output_format": "dicom-seg"})
+    assert result == {"output_format": "dicom-seg", "referenced_series": series.series}
+    assert out_file.endswith("_seg.dcm") and Path(out_file).name.startswith("oblique_series_")
+    assert main(["segment", "--no-progress", "-i", str(series.folder), "-o", str(tmp_path / "seg"), "--bundle",
+                 str(REPO / "bundles" / "ct"), "--checkpoint", str(ckpt), "--device", "cpu",
+                 "--format", "nifti,dicom-seg"]) == 0
+    image = read_image(series.folder)
+    served, _, names = read_dicom_seg(out_file, image=image)  # checks the SEG references this series
+    (segmented_seg,) = (tmp_path / "seg").glob("*_seg.dcm")
+    np.testing.assert_array_equal(served, read_dicom_seg(segmented_seg, image=image)[0])
+    (segmented_nifti,) = (tmp_path / "seg").glob("*.nii.gz")
+    np.testing.assert_array_equal(served, np.asarray(nib.load(segmented_nifti).dataobj))
+    assert names == {1: "liver", 2: "kidney", 3: "spleen"}
+    Path(out_file).unlink()
+    # the NIfTI answer for the same series is unchanged
+    out_file, result = task({"image": str(series.folder), "device": "cpu"})
+    assert result == {}
+    np.testing.assert_array_equal(np.asarray(nib.load(out_file).dataobj), served)
+    Path(out_file).unlink()
+    # a NIfTI image has no DICOM SEG: 400 naming it
+    from fastapi import HTTPException
+
+    with pytest.raises(HTTPException) as refused:
+        task({"image": str(source), "device": "cpu", "output_format": "seg"})
+    assert refused.value.status_code == 400 and source.name in refused.value.detail
+    assert "DICOM series" in refused.value.detail

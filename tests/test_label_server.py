@@ -5,10 +5,13 @@ from medunet's environment and with ``monailabel.client.MONAILabelClient`` (run 
 environment's Python, where monailabel is installed). It serves ``bundles/ct`` with a small network
 trained here for ~30 s (so that its uncertainty means something), plus ``bundles/mri`` untrained when
 it exists. Studies: three small CT phantoms and one hard case (a tight crop of a fourth phantom, whose
-organs are cut by the image border); ``--conf infer_queue 4`` so that a burst of requests meets the
+organs are cut by the image border), and one study that is a DICOM series folder (the held-out phantom
+written as CT slices); ``--conf infer_queue 4`` so that a burst of requests meets the
 admission limit.
 
-Covered: ``/infer`` equals ``medunet segment`` voxel for voxel (times of both printed); active learning
+Covered: ``/infer`` equals ``medunet segment`` voxel for voxel (times of both printed); a DICOM series
+study answers ``?output=dicom_seg`` with a DICOM SEG of that series whose frames are ``medunet segment``'s
+label (a NIfTI study asked for one gets 400 naming it; both request times printed); active learning
 returns the hard case first; refused uploads (grid, format, classes, unknown id) write nothing and a bad
 label put in by hand is left out of training; a burst of concurrent ``/infer`` gets correct labels or a
 clear 503 (peak RSS printed); ``/infer`` answers during training; a server killed during training
@@ -33,6 +36,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dicom_support
 import nibabel as nib
 import numpy as np
 import pytest
@@ -44,6 +48,8 @@ TRAIN_TIMEOUT_S = 420
 INFER_QUEUE = 4
 CT_LABELS = {0, 1, 2, 3}
 HARD = "ct_003_crop"
+DICOM_STUDY = "ct_dicom_series"
+SEG_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 #: a small CT network for the served checkpoint (trained by the fixture)
 TINY_CT = {"patch_size": [32, 32, 16], "batch_size": 2,
            "network": {"kernel_size": [3, 3, 3], "strides": [1, 2, 2], "filters": [4, 8, 16]}}
@@ -112,6 +118,8 @@ def _train_small_ct(root: Path) -> Path:
 
 class Server:
     """A running `medunet label-server` subprocess and what the tests need to talk to it (and restart it)."""
+
+    dicom = None  # the DICOM series study (dicom_support.Series)
 
     def __init__(self, root: Path, studies: Path, ref_labels: dict[str, Path], hard_label: Path, ckpt: Path,
                  models: list[str], cmd: list[str], env: dict, url: str, log: Path):
@@ -197,6 +205,7 @@ def server(tmp_path_factory, pytestconfig):
     # the hard case: a tight crop whose organs are cut by the border (ranked first by active learning)
     hard_label = _write_crop(images[3], data / "labelsTr" / images[3].name, studies / f"{HARD}.nii.gz",
                              root / "crop_labels" / f"{HARD}.nii.gz")
+    dicom = dicom_support.series_from_nifti(sorted((data / "imagesTs").glob("*.nii.gz"))[0], studies / DICOM_STUDY)
     bundles = [p for p in (REPO / "bundles" / "ct", REPO / "bundles" / "mri")
                if (p / "configs" / "inference.json").is_file() and (p / "configs" / "metadata.json").is_file()]
     models = [b.name for b in bundles]
@@ -212,6 +221,7 @@ def server(tmp_path_factory, pytestconfig):
     env = {**os.environ, "MEDUNET_CACHE": str(root / "cache"), "MEDUNET_LABEL_PYTHON": str(LABEL_PYTHON)}
     srv = Server(root, studies, ref_labels, hard_label, ckpt, models, cmd, env, f"http://127.0.0.1:{port}",
                  root / "server.log")
+    srv.dicom = dicom
     try:
         srv.start()
         print(f"\n[label-server] ready after {srv.start_s:.1f} s (shared 2-core CPU)")
@@ -378,6 +388,78 @@ def test_infer_equals_medunet_segment_voxel_for_voxel(server, tta):
         np.testing.assert_array_equal(served, np.asarray(nib.load(str(out / mri.name.replace(".nii.gz", "_seg.nii.gz"))).dataobj))
         print(f"[label-server] mri upload {served.shape}{' TTA' if tta else ''}: /infer {time.monotonic() - t0:.2f} s, "
               f"medunet segment {_segment_seconds(r.stdout, mri.name):.2f} s for the file; identical labels")
+
+
+def _dicom_seg_frames(seg, uids: list[str], number: int) -> np.ndarray:
+    """Segment ``number`` of a DICOM SEG as an ``(X, Y, Z)`` mask, Z in the order of the source ``uids``."""
+    frames = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, segment_numbers=[number])
+    return np.transpose(np.asarray(frames)[..., 0], (2, 1, 0)).astype(bool)  # (slice, row, column) → (X, Y, Z)
+
+
+def test_infer_answers_dicom_seg_for_a_dicom_series_study(server):
+    import highdicom as hd
+    import pydicom
+    import requests
+
+    from medunet.io import read_image
+
+    series = server.dicom
+    out = server.root / "segment_dicom"
+    r = subprocess.run([sys.executable, "-m", "medunet.cli", "segment", "--no-progress", "-i", str(series.folder),
+                        "-o", str(out), "--bundle", str(REPO / "bundles" / "ct"), "--checkpoint", str(server.ckpt),
+                        "--device", "cpu"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (segmented_file,) = out.glob("*.nii.gz")
+    segmented = np.asarray(nib.load(str(segmented_file)).dataobj)
+    assert set(np.unique(segmented).tolist()) - {0}, "medunet segment found no organ: nothing to compare"
+
+    _infer(server, "ct", DICOM_STUDY)  # warm
+    status, body, nifti_s = _infer(server, "ct", DICOM_STUDY)  # no format asked: the NIfTI label, as before
+    assert status == 200, body[:300]
+    np.testing.assert_array_equal(_label_array(body, server.root, "served_dicom.nii.gz")[0], segmented)
+
+    t0 = time.monotonic()  # MONAI Label's REST convention for a DICOM SEG answer
+    answer = requests.post(f"{server.url}/infer/ct", params={"image": DICOM_STUDY, "output": "dicom_seg"}, timeout=300)
+    seg_s = time.monotonic() - t0
+    assert answer.status_code == 200, answer.text[:300]
+    assert answer.headers["content-type"] == "application/dicom"
+    (server.root / "served_dicom_seg.dcm").write_bytes(answer.content)
+    seg = hd.seg.segread(server.root / "served_dicom_seg.dcm")
+    assert seg.SOPClassUID == SEG_SOP_CLASS and seg.Modality == "SEG"
+    assert seg.StudyInstanceUID == series.study and seg.FrameOfReferenceUID == series.frame_of_reference
+    (referenced,) = seg.ReferencedSeriesSequence
+    assert referenced.SeriesInstanceUID == series.series
+    assert sorted(i.ReferencedSOPInstanceUID for i in referenced.ReferencedInstanceSequence) == sorted(series.sop_instances)
+    numbers = sorted(int(s.SegmentNumber) for s in seg.SegmentSequence)
+    assert numbers == sorted(CT_LABELS - {0})
+    # every segment, slice by slice of the source series, is medunet segment's label of that class
+    image = read_image(series.folder)
+    assert image.spatial_shape == segmented.shape
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in image.meta["files"]]
+    for number in numbers:
+        np.testing.assert_array_equal(_dicom_seg_frames(seg, uids, number), segmented == number)
+
+    # the same through the request parameter (for clients that send only params)
+    t0 = time.monotonic()
+    r = requests.post(f"{server.url}/infer/ct", params={"image": DICOM_STUDY, "output": "image"},
+                      data={"params": json.dumps({"output_format": "dicom-seg"})}, timeout=300)
+    again_s = time.monotonic() - t0
+    assert r.status_code == 200 and r.headers["content-type"] == "application/dicom", r.text[:300]
+    (server.root / "served_dicom_seg_param.dcm").write_bytes(r.content)
+    again = hd.seg.segread(server.root / "served_dicom_seg_param.dcm")
+    assert again.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series
+    np.testing.assert_array_equal(_dicom_seg_frames(again, uids, numbers[0]), segmented == numbers[0])
+
+    # a NIfTI study cannot have one: 400 naming the study, before any prediction; an unknown format too
+    nifti_id = sorted(server.ref_labels)[0]
+    r = requests.post(f"{server.url}/infer/ct", params={"image": nifti_id, "output": "dicom_seg"}, timeout=60)
+    assert r.status_code == 400 and nifti_id in r.json()["detail"] and "not a DICOM series" in r.json()["detail"], r.text
+    r = requests.post(f"{server.url}/infer/ct", params={"image": DICOM_STUDY, "output": "image"},
+                      data={"params": json.dumps({"output_format": "png"})}, timeout=60)
+    assert r.status_code == 400 and "nifti, dicom-seg" in r.json()["detail"], r.text
+    print(f"\n[label-server] DICOM series study {image.spatial_shape}: /infer NIfTI {nifti_s:.2f} s, DICOM SEG "
+          f"{seg_s:.2f} s round trip ({len(answer.content) / 1024:.0f} KiB; first SEG of the server), again "
+          f"{again_s:.2f} s; SEG frames = medunet segment's label")
 
 
 def test_active_learning_returns_the_hard_case_first(server):

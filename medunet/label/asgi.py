@@ -7,7 +7,11 @@
 * ``POST /infer/{model}`` runs MONAI Label's own handler (``monailabel.endpoints.infer.run_inference``)
   in a worker thread behind an :class:`~medunet.label.gate.InferGate` instead of inside the event loop:
   the server keeps answering other requests while it predicts, and a request that finds every slot and
-  queue place taken gets 503 with ``Retry-After`` (``--conf infer_concurrency`` / ``--conf infer_queue``).
+  queue place taken gets 503 with ``Retry-After`` (``--conf infer_concurrency`` / ``--conf infer_queue``);
+* ``POST /infer/{model}?output=dicom_seg`` (MONAI Label's name for a DICOM SEG answer, which 0.8.5 gives
+  only for DICOMweb datastores, converting the NIfTI with its own writer) is passed on as the request
+  parameter ``output_format: "dicom-seg"``, so medunet's app answers with the DICOM SEG that ``medunet
+  segment --format dicom-seg`` writes (:mod:`medunet.label.dicom_seg`), sent as ``application/dicom``.
 
 Needs monailabel.
 """
@@ -23,8 +27,9 @@ from monailabel.app import app as _monailabel_app
 from monailabel.config import settings
 from monailabel.endpoints import infer as _infer_endpoint
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import JSONResponse
+from starlette.responses import FileResponse, JSONResponse
 
+from medunet.label.dicom_seg import with_dicom_seg
 from medunet.label.gate import RETRY_AFTER_S, Busy, InferGate, gate_from_conf
 from medunet.label.safety import check_request
 
@@ -69,9 +74,18 @@ def gate_infer_route(router, gate: InferGate, path: str = "/infer/{model}") -> N
     @functools.wraps(route.endpoint)
     async def gated_inference(**kwargs):
         kwargs.pop("user", None)  # checked by the original's RBAC dependency; run_inference has no such argument
+        if kwargs.get("output") == _infer_endpoint.ResultType.dicom_seg:
+            try:
+                kwargs["params"] = with_dicom_seg(kwargs.get("params"))
+            except ValueError as e:
+                raise HTTPException(status_code=400, detail=str(e)) from None
+            kwargs["output"] = _infer_endpoint.ResultType.image  # the answer file is the DICOM SEG
         try:
             async with gate.admit():
-                return await run_in_threadpool(_infer_endpoint.run_inference, **kwargs)
+                response = await run_in_threadpool(_infer_endpoint.run_inference, **kwargs)
+            if isinstance(response, FileResponse) and str(response.path).endswith(".dcm"):
+                response.headers["content-type"] = "application/dicom"
+            return response
         except Busy as e:
             logger.warning(f"POST {path}: {e}")
             raise HTTPException(status_code=503, detail=str(e),

@@ -7,7 +7,10 @@
 * an infer task ``<name>`` (:class:`MedunetInferTask`): the Predictor that ``medunet segment --bundle``
   builds (:meth:`medunet.inference.Predictor.from_bundle` on ``models/model.pt`` and its plan: same
   windows, precision, TTA option and way back to the input grid), so ``/infer`` gives ``medunet
-  segment``'s label; request param ``tta`` turns mirroring TTA on. When training replaces
+  segment``'s label; request param ``tta`` turns mirroring TTA on. For a study that is a DICOM series,
+  ``?output=dicom_seg`` (or param ``output_format: "dicom-seg"``) answers with ``medunet segment
+  --format dicom-seg``'s DICOM SEG referencing that series instead of the NIfTI label
+  (:mod:`medunet.label.dicom_seg`); asked for another study it gets 400. When training replaces
   ``models/model.pt`` the next request loads it; a file that does not load leaves the last good model
   in service. Its ``/info/`` entry carries ``weights`` (``checkpoint``/``bundle``/``fine-tuned``/
   ``random-init``) and says UNTRAINED when random;
@@ -19,10 +22,10 @@
   :class:`UncertaintyStrategy`): unlabelled studies ranked by the model's TTA uncertainty
   (:mod:`medunet.label.active`), so *Next Sample* gives the study the model is least sure of.
 
-The datastore is MONAI Label's local datastore (a plain folder of NIfTI volumes, labels under
-``labels/<tag>``) with checks: ids must be plain names, unknown images give 404, and a submitted label
-must be a NIfTI volume on its image's grid holding only the served models' classes (else 400 with the
-reason, and nothing is written).
+The datastore is MONAI Label's local datastore (a plain folder of NIfTI volumes and DICOM series
+folders, a series being one study named by its folder; labels under ``labels/<tag>``) with checks: ids
+must be plain names, unknown images give 404, and a submitted label must be a NIfTI volume on its
+image's grid holding only the served models' classes (else 400 with the reason, and nothing is written).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from monailabel.utils.others.generic import name_to_device, strtobool
 
 import medunet
 from medunet.label import active
+from medunet.label.dicom_seg import dicom_series_folder, requested_format, write_dicom_seg_answer
 from medunet.label.launch import bundle_labels, weights_status
 from medunet.label.safety import label_problems, unsafe_id_reason
 
@@ -62,6 +66,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["MedunetLabelApp", "MedunetInferTask", "MedunetTrainTask", "MedunetDatastore", "UncertaintyScoring",
            "UncertaintyStrategy", "local_bundles"]
 
+#: request key: the DICOM series folder a DICOM SEG answer is predicted on (set by the app)
+DICOM_SERIES_KEY = "medunet_dicom_series"
 UNTRAINED_NOTE = "UNTRAINED (random weights): predictions come from an untrained model"
 
 
@@ -75,10 +81,36 @@ class MedunetDatastore(LocalDatastore):
     """MONAI Label's local datastore with id checks and label checks (:func:`label_problems`).
 
     ``classes`` (set by the app) are the label values the served models predict; a label holding
-    others is refused.
+    others is refused. A sub-folder of the studies folder that holds a DICOM image series
+    (:func:`medunet.io.dicom.files.is_image_series_folder`) is a study too, its id the folder's name
+    (listed at start-up and on each datastore reload; MONAI Label's file watcher sees files only).
     """
 
     classes: set[int] | None = None
+
+    def _images_dir(self) -> str:
+        return os.path.realpath(self._datastore.image_path())
+
+    def _list_files(self, path, patterns):
+        found = super()._list_files(path, patterns)
+        if os.path.realpath(path) != self._images_dir():
+            return found
+        from medunet.io.dicom.files import is_image_series_folder
+
+        labels_dir = os.path.realpath(self._datastore.label_path(None))
+        for name in sorted(os.listdir(path)):
+            folder = os.path.join(path, name)
+            if (name.startswith(".") or name in found or not os.path.isdir(folder)
+                    or os.path.realpath(folder) == labels_dir or unsafe_id_reason(name)):
+                continue
+            if is_image_series_folder(folder):
+                found[name] = name
+        return found
+
+    def _to_id(self, file: str):
+        if os.path.isdir(os.path.join(self._images_dir(), file)):
+            return file, ""  # a series folder: its whole name is the id (UIDs hold dots, not extensions)
+        return super()._to_id(file)
 
     def _known(self, image_id: str) -> None:
         _check_id(image_id)
@@ -211,13 +243,15 @@ class MedunetInferTask(BundleInferTask):
         from medunet.io import InputError
 
         predictor = self.predictor(device, tta=_request_flag(data.get("tta", False)))
-        image = self._read(data["image_path"])
+        # a DICOM SEG answer is predicted on the series itself (a DICOMweb study's image is a NIfTI copy)
+        image = self._read(data.get(DICOM_SERIES_KEY) or data["image_path"])
         try:
             prediction = predictor.predict_image(image)
         except InputError as e:
             raise HTTPException(status_code=400, detail=f"image cannot be segmented by this model: {e.reason}") from None
         data[self.output_label_key] = prediction.label
         data["medunet_image"] = image
+        data["medunet_labels"] = predictor.plan.labels
         return data
 
     def study_uncertainty(self, image_path: str, device: str, kind: str = "entropy") -> float:
@@ -230,9 +264,19 @@ class MedunetInferTask(BundleInferTask):
         return active.study_uncertainty(prediction.uncertainty, image)
 
     def writer(self, data, extension=None, dtype=None):
-        """The label map as NIfTI (uint8 up to 255 classes) with the input's affine and header."""
-        from medunet.io import write_like
+        """The label map as NIfTI (uint8 up to 255 classes) with the input's affine and header, or, when
+        the request asks for ``dicom-seg``, as the DICOM SEG of the series it was predicted on
+        (:func:`medunet.label.dicom_seg.write_dicom_seg_answer`)."""
+        from medunet.io import InputError, write_like
 
+        if requested_format(data) == "dicom-seg":
+            image = data["medunet_image"]
+            try:
+                return write_dicom_seg_answer(np.asarray(data[self.output_label_key]), image, data["medunet_labels"],
+                                              name=Path(image.path).name)
+            except InputError as e:
+                raise HTTPException(status_code=400,
+                                    detail=f"no DICOM SEG for {Path(image.path).name!r}: {e.reason}") from None
         if dtype is None:
             dtype = np.uint8 if max(self.labels.values(), default=0) < 256 else np.uint16
         handle, out = tempfile.mkstemp(suffix=".nii.gz")
@@ -557,4 +601,30 @@ class MedunetLabelApp(MONAILabelApp):
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(status_code=404, detail=f"no model {model!r}; served: {', '.join(self._infers)}")
+        try:
+            wanted = requested_format(request)
+        except ValueError as e:
+            raise HTTPException(status_code=400, detail=str(e)) from None
+        if wanted == "dicom-seg":
+            request = {**request, DICOM_SERIES_KEY: str(self._dicom_series(image, datastore or self.datastore()))}
         return super().infer(request, datastore)
+
+    def _dicom_series(self, image: Any, datastore: Datastore) -> Path:
+        """The DICOM series folder of the requested study (:func:`medunet.label.dicom_seg.dicom_series_folder`),
+        or 400 naming the study and what it is instead."""
+        if not isinstance(image, str):
+            raise HTTPException(status_code=400, detail="DICOM SEG needs a study that is a DICOM series; "
+                                                        "this request holds no study id")
+        if self._is_server_file(image):  # an uploaded file or a session's image: never a series folder
+            series, what = dicom_series_folder(image), f"the uploaded image {os.path.basename(image)!r}"
+        else:
+            uri = datastore.get_image_uri(image)
+            images_dir = datastore._datastore.image_path() if isinstance(datastore, LocalDatastore) else None
+            series, what = dicom_series_folder(uri, images_dir, image), f"image {image!r}"
+            if series is None:
+                what += f" (file {os.path.basename(uri)})"
+        if series is None:
+            raise HTTPException(status_code=400, detail=f"{what} is not a DICOM series, so it has no DICOM SEG: "
+                                                        "ask for a NIfTI label (output=image, no output_format) "
+                                                        "or use a study that is a DICOM series folder")
+        return series

@@ -15,7 +15,8 @@ from pathlib import Path
 from medunet.io.errors import InputError
 
 __all__ = [
-    "DicomFile", "scan_dicom", "find_patients", "image_series", "RTSTRUCT_SOP_CLASS", "SEG_SOP_CLASS",
+    "DicomFile", "scan_dicom", "find_patients", "image_series", "is_image_series_folder", "RTSTRUCT_SOP_CLASS",
+    "SEG_SOP_CLASS",
 ]
 
 RTSTRUCT_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.481.3"
@@ -103,6 +104,29 @@ def scan_dicom(folder: str | os.PathLike, recursive: bool = True) -> list[DicomF
             if item is not None:
                 found.append(item)
     return found
+
+
+def is_image_series_folder(folder: str | os.PathLike, probe: int = 4) -> bool:
+    """Whether ``folder`` looks like a DICOM image series folder: one of its first ``probe`` files (by name,
+    hidden ones skipped) is a DICOM image. A cheap test for listing studies; reading the series
+    (:func:`medunet.io.image.read_dicom_series`) says what is wrong with one that is not readable."""
+    folder = Path(folder)
+    try:
+        names = sorted(n for n in os.listdir(folder) if not n.startswith("."))
+    except OSError:
+        return False
+    tried = 0
+    for name in names:
+        p = folder / name
+        if not p.is_file():
+            continue
+        item = _classify(p)
+        if item is not None and item.kind == "image":
+            return True
+        tried += 1
+        if tried >= probe:
+            break
+    return False
 
 
 def image_series(files: list[DicomFile]) -> dict[str, list[DicomFile]]:

@@ -9,6 +9,7 @@ per label, every frame referencing its source slice.
 from __future__ import annotations
 
 import os
+import types
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,26 @@ def _property_codes(name: str):
     return codes.SCT.Tissue, codes.SCT.Tissue
 
 
+def _highdicom_numpy2_compat() -> None:
+    """Let highdicom 0.22 build a SEG under NumPy 2.
+
+    highdicom 0.22 is the last release for pydicom 2.x (which the MONAI Label environment needs: monailabel
+    0.8.5 imports pydicom-seg, which needs pydicom 2), and its ``highdicom.seg.sop`` still names
+    ``np.float_``, removed in NumPy 2 (0.23 says ``np.float64``). That one module gets a view of numpy with
+    the old alias; numpy itself and every other module are left as they are. No-op on other versions.
+    """
+    import highdicom
+    import highdicom.seg.sop as sop
+
+    release = tuple(int(p) if p.isdigit() else 0 for p in highdicom.__version__.split(".")[:2])
+    if release >= (0, 23) or hasattr(sop.np, "float_"):
+        return
+    view = types.ModuleType("numpy")
+    view.__getattr__ = lambda name: getattr(np, name)  # everything else is numpy's own
+    view.float_ = np.float64
+    sop.np = view
+
+
 def build_dicom_seg(label: np.ndarray, image: ImageData, label_names: dict[int, str], info: SeriesInfo | None = None,
                     series_description: str = "medunet segmentation", series_number: int = 9001):
     """A BINARY DICOM SEG (``highdicom.seg.Segmentation``) of ``label`` on ``image``'s grid: one segment per
@@ -159,6 +180,7 @@ def build_dicom_seg(label: np.ndarray, image: ImageData, label_names: dict[int, 
             segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm))
     frames = np.ascontiguousarray(np.transpose(label, (2, 1, 0))).astype(np.uint8)  # (slice, row, column)
+    _highdicom_numpy2_compat()
     with _quiet():
         return hd.seg.Segmentation(
             source_images=info.datasets, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
