@@ -100,8 +100,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="CT models: predict only inside the body's bounding box (HU > -500, plus a margin); "
                         "background outside")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
-                   help="what runs the network (default torch; onnxruntime/openvino: CPU only, the network "
+    p.add_argument("--backend", choices=["torch", "torch-compile", "onnxruntime", "openvino"], default="torch",
+                   help="what runs the network (default torch; torch-compile: torch.compile, compiled at the "
+                        "first window, worth it for folders; onnxruntime/openvino: CPU only, the network "
                         "converted at start-up unless --model-file gives an exported one)")
     p.add_argument("--model-file", help="a file from `medunet export` (.onnx, or OpenVINO .xml) for --backend")
     p.add_argument("--placement", choices=["even", "monai"], default="even",

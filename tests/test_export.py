@@ -120,6 +120,19 @@ def test_predictor_backend_gives_torch_s_probabilities(net, backend):
 
 
 @needs("openvino")
+def test_torch_compile_backend_gives_eager_probabilities():
+    torch.manual_seed(0)  # two convolutions: compiling a whole U-Net would take a minute of CI
+    small = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv3d(4, 3, 3, padding=1)).eval()
+    settings = {"device": "cpu", "roi_size": (16, 16, 8), "overlap": 0.5, "cpu_bf16": False}
+    ref = Predictor(small, _plan(), **settings).predict_image(_image())
+    predictor = Predictor(small, _plan(), backend="torch-compile", **settings)
+    assert predictor.engine is not small  # the compiled wrapper runs the windows
+    ours = predictor.predict_image(_image())
+    assert ours.stats["windows"] == ref.stats["windows"] > 4
+    assert float(np.abs(ours.probabilities - ref.probabilities).max()) <= 1e-4
+
+
 def test_openvino_bfloat16_stays_close_to_float32(net):
     settings = {"device": "cpu", "roi_size": (16, 16, 8), "overlap": 0.5}
     ref = Predictor(net, _plan(), cpu_bf16=False, **settings).predict_image(_image())

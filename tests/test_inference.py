@@ -334,3 +334,39 @@ def test_body_crop_predicts_background_outside_the_body_box():
     outside[12:36, 8:32, 4:20] = False
     assert (crop.label[outside] == 0).all() and np.allclose(crop.probabilities[0][outside], 1.0)
     assert full.stats.get("body_box") is None
+
+
+@pytest.mark.parametrize("geometry", ["resampled_oblique", "reoriented_only"])
+def test_label_without_probabilities_equals_the_full_way_back(geometry, monkeypatch):
+    """probabilities=False (label decided a few planes at a time) gives the same label as the full
+    K-channel way back, with resampling or a pure axis permutation, a nonzero crop and the body crop."""
+    from medunet.data import grid as grid_module
+    from medunet.io import ImageData
+
+    monkeypatch.setattr(grid_module, "_CHUNK_VOXELS", 500)  # many chunks even on a small volume
+    spacing = [1.3, 0.9, 2.1] if geometry == "resampled_oblique" else [1.0, 1.0, 1.0]
+    plan = Plan(patch_size=[16, 16, 16], target_spacing=spacing,
+                labels={"background": 0, "a": 1, "b": 2},
+                normalization={"scheme": "ct", "clip": [-200.0, 300.0], "mean": 50.0, "std": 100.0},
+                network={"name": "unet", **networks.get_spec("unet").tiny_options})
+    torch.manual_seed(0)
+    net = plan.build_network()
+    rng = np.random.default_rng(0)
+    arr = np.full((30, 26, 18), -1000.0, dtype=np.float32)
+    arr[8:24, 6:20, 4:14] = rng.normal(40.0, 80.0, (16, 14, 10))
+    arr[:3] = 0.0  # zero slabs: cropped away as outside the nonzero region
+    affine = np.diag([-1.0, 1.0, 1.0, 1.0])  # LAS storage: reoriented to RAS
+    if geometry == "resampled_oblique":
+        c, s = np.cos(0.3), np.sin(0.3)
+        affine = affine @ np.array([[c, -s, 0, 0], [s, c, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    image = ImageData(array=arr, affine=affine, path="ct.nii.gz")
+    for body in (False, True):
+        predictor = Predictor(net, plan, device="cpu", cpu_bf16=False, body_crop=body, body_margin=2)
+        full = predictor.predict_image(image)
+        lean = predictor.predict_image(image, probabilities=False)
+        assert lean.probabilities is None and lean.label.dtype == np.uint8 and lean.label.shape == arr.shape
+        np.testing.assert_array_equal(lean.label, full.label)
+        assert len(np.unique(full.label)) > 1  # the comparison is not between two empty labels
+    blank = predictor.predict_image(ImageData(array=np.zeros((8, 8, 8), np.float32), affine=np.eye(4),
+                                              path="blank.nii.gz"), probabilities=False)
+    assert blank.probabilities is None and not blank.label.any()

@@ -50,9 +50,9 @@ def predictions(monkeypatch):
     seen: list[str] = []
     original = predictor_module.Predictor.predict_image
 
-    def counting(self, image):
+    def counting(self, image, *args, **kwargs):
         seen.append(Path(image.path).name)
-        return original(self, image)
+        return original(self, image, *args, **kwargs)
 
     monkeypatch.setattr(predictor_module.Predictor, "predict_image", counting)
     return seen
@@ -242,10 +242,10 @@ def test_any_exception_fails_that_file_alone(stage, error, tmp_path, tiny_checkp
     if where is None:
         original = predictor_module.Predictor.predict_image
 
-        def faulty_predict(self, image):
+        def faulty_predict(self, image, *args, **kwargs):
             if Path(image.path).name == target:
                 raise error
-            return original(self, image)
+            return original(self, image, *args, **kwargs)
 
         monkeypatch.setattr(predictor_module.Predictor, "predict_image", faulty_predict)
     else:

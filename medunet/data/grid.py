@@ -11,7 +11,7 @@ Voxel-index convention everywhere: the affine maps voxel *centres* ``(i, j, k, 1
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -133,10 +133,12 @@ class PlanGrid:
         index_map = np.linalg.solve(self.image_affine, self.plan_affine)  # plan voxel -> image voxel
         return resample_grid(x, index_map, self.plan_shape, mode)
 
-    def from_plan(self, x: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
-        """``(C, *plan_shape)`` → ``(C, *image_shape)``: back onto the input's exact voxel grid."""
+    def from_plan(self, x: torch.Tensor, mode: str = "bilinear",
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """``(C, *plan_shape)`` → ``(C, *image_shape)``: back onto the input's exact voxel grid
+        (``reduce``: see :func:`resample_grid`; then ``(*image_shape)``)."""
         index_map = np.linalg.solve(self.plan_affine, self.image_affine)  # image voxel -> plan voxel
-        return resample_grid(x, index_map, self.image_shape, mode)
+        return resample_grid(x, index_map, self.image_shape, mode, reduce=reduce)
 
 
 def _as_permutation(index_map: np.ndarray, src_shape: Sequence[int], dst_shape: Sequence[int]):
@@ -160,12 +162,17 @@ def _as_permutation(index_map: np.ndarray, src_shape: Sequence[int], dst_shape: 
 
 
 def resample_grid(x: torch.Tensor, index_map: np.ndarray, dst_shape: Sequence[int], mode: str = "bilinear",
-                  padding_mode: str = "border") -> torch.Tensor:
+                  padding_mode: str = "border",
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Sample ``x`` (C, *src) at ``index_map @ (dst voxel, 1)``, giving ``(C, *dst_shape)``.
 
     Whole-voxel permutations/flips/shifts are done exactly by indexing; anything else by
     ``grid_sample`` (trilinear/bilinear or nearest, ``padding_mode`` outside the source) in chunks so
     the sampling grid stays small. Runs on ``x.device``; keeps ``x.dtype`` for floating inputs.
+
+    ``reduce`` (e.g. an argmax over the channels) is applied to each resampled chunk ``(C, *chunk)``
+    and must return ``(*chunk)``: the result is then ``(*dst_shape)`` in the reduced dtype, and the
+    ``C``-channel output never exists in full (a label map of a large CT without its probability maps).
     """
     d = x.dim() - 1
     src_shape = tuple(x.shape[1:])
@@ -182,14 +189,16 @@ def resample_grid(x: torch.Tensor, index_map: np.ndarray, dst_shape: Sequence[in
             else:
                 start = offsets[j]
             y = y.narrow(j + 1, start, dst_shape[j])
-        return y.contiguous()
+        if reduce is None:
+            return y.contiguous()
+        return _reduced_chunks(y, reduce)
     dtype = x.dtype if x.is_floating_point() else torch.float32
     src = x.to(dtype).unsqueeze(0)
     # grid_sample wants normalised (align_corners=False) coordinates, last spatial axis first.
     scale = torch.tensor([2.0 / s for s in reversed(src_shape)], dtype=torch.float64, device=x.device)
     lin = torch.as_tensor(index_map[:d, :d], dtype=torch.float64, device=x.device)
     shift = torch.as_tensor(index_map[:d, d], dtype=torch.float64, device=x.device)
-    out = torch.empty((x.shape[0], *dst_shape), dtype=dtype, device=x.device)
+    out = torch.empty((x.shape[0], *dst_shape), dtype=dtype, device=x.device) if reduce is None else None
     plane = int(np.prod(dst_shape[1:])) if d > 1 else 1
     step = max(1, _CHUNK_VOXELS // max(plane, 1))
     rest = [torch.arange(s, dtype=torch.float64, device=x.device) for s in dst_shape[1:]]
@@ -200,5 +209,19 @@ def resample_grid(x: torch.Tensor, index_map: np.ndarray, dst_shape: Sequence[in
         grid = ((src_idx.flip(-1) + 0.5) * scale - 1.0).to(torch.float32 if dtype != torch.float64 else dtype)
         sampled = F.grid_sample(src, grid.unsqueeze(0).to(dtype), mode=mode, padding_mode=padding_mode,
                                 align_corners=False)
-        out[:, start:start + first.numel()] = sampled[0]
+        if reduce is None:
+            out[:, start:start + first.numel()] = sampled[0]
+            continue
+        part = reduce(sampled[0])
+        if out is None:
+            out = torch.empty(dst_shape, dtype=part.dtype, device=x.device)
+        out[start:start + first.numel()] = part
     return out
+
+
+def _reduced_chunks(y: torch.Tensor, reduce: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``reduce`` over a ``(C, *S)`` view, a few planes of the first spatial axis at a time."""
+    plane = int(np.prod(y.shape[2:])) if y.dim() > 2 else 1
+    step = max(1, _CHUNK_VOXELS // max(plane, 1))
+    parts = [reduce(y[:, start:start + step]) for start in range(0, y.shape[1], step)]
+    return torch.cat(parts, dim=0) if parts else reduce(y)

@@ -37,7 +37,7 @@ __all__ = ["FORMATS", "BACKENDS", "export_model", "load_engine", "probe_inputs",
            "OnnxRuntimeEngine", "OpenVINOEngine", "require", "calibration_windows", "quantize_openvino"]
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "openvino": ".xml"}
-BACKENDS = ("torch", "onnxruntime", "openvino")
+BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino")
 _EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "openvino": "openvino", "nncf": "int8"}
 
 
@@ -236,6 +236,8 @@ def load_engine(backend: str, network: torch.nn.Module, patch_size: Sequence[int
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return network
+    if backend == "torch-compile":  # inductor code for the window shape, made at the first call (slow)
+        return torch.compile(network, dynamic=False)
     if model_file is not None and not Path(model_file).is_file():
         from medunet.io.errors import InputError
 

@@ -151,8 +151,9 @@ class Predictor:
         placement: where sliding windows go, ``"even"`` (default) or ``"monai"`` (MONAI's rule: with
             MONAI's roi, overlap and float32 the probabilities equal ``sliding_window_inference``'s);
             see :class:`~medunet.inference.sliding.TiledInferer`.
-        backend: what runs the network's windows: ``"torch"`` (default), ``"onnxruntime"`` or
-            ``"openvino"`` (CPU only; the network converted at start-up, or ``model_file``; OpenVINO
+        backend: what runs the network's windows: ``"torch"`` (default), ``"torch-compile"``
+            (``torch.compile``: compiled at the first window, so it pays off over a folder), ``"onnxruntime"``
+            or ``"openvino"`` (CPU only; the network converted at start-up, or ``model_file``; OpenVINO
             computes in bfloat16 when ``cpu_bf16`` is on). See :mod:`medunet.inference.export`.
         model_file: an exported ``.onnx`` / OpenVINO ``.xml`` file of the same weights for ``backend``.
 
@@ -207,7 +208,7 @@ class Predictor:
         self.inferer = build_inferer(self.network, plan, roi_size=roi_size, overlap=overlap, mode=mode,
                                      sw_batch_size=sw_batch_size, device=self.device, progress=progress,
                                      channels_last=channels_last, cpu_bf16=cpu_bf16, placement=placement)
-        if backend != "torch" and self.device.type != "cpu":
+        if backend not in ("torch", "torch-compile") and self.device.type != "cpu":
             raise ValueError(f"backend {backend!r} runs on the CPU only (device {self.device}): use --device cpu")
         self.backend = backend
         # what the inferer calls for each batch of windows: the eager network or an exported engine
@@ -251,26 +252,35 @@ class Predictor:
         """Read (NIfTI, DICOM series folder, PNG/TIFF) and predict."""
         return self.predict_image(read_image(path))
 
-    def predict_image(self, image: ImageData) -> Prediction:
-        """Predict one image; the label has the image's exact spatial shape and geometry."""
+    def predict_image(self, image: ImageData, probabilities: bool = True) -> Prediction:
+        """Predict one image; the label has the image's exact spatial shape and geometry.
+
+        ``probabilities=False``: the label only (``Prediction.probabilities`` None, unless an
+        uncertainty map is asked for, which needs them): the way back to the input grid then resamples
+        and takes the argmax a few planes at a time, so the ``K`` float32 maps of the input's size never
+        exist — for a large CT the difference between about one input's size of memory and ``2K`` of
+        them. The label is the same either way.
+        """
         start = time.perf_counter()
         x = self._to_channels_first(image)
         with torch.inference_mode():
             if is_blank(x):  # one value everywhere (an empty or padding-only scan): nothing to segment
-                probs, unc = self._blank_prediction(x)
+                probs, unc = self._blank_prediction(x, probabilities)
+                label = torch.zeros(x.shape[1:], dtype=torch.uint8)
             else:
-                probs, unc = self._predict_array(x, image.affine)
-            if not bool(torch.isfinite(probs).all()):
-                low, high = float(x.min()), float(x.max())
-                raise InputError(image.path, f"the network's output is not a number (NaN/Inf) for this image "
-                                             f"(intensities {low:.4g} to {high:.4g})")
-            label = probs.argmax(dim=0).to(torch.uint8).cpu().numpy()
+                try:
+                    probs, unc, label = self._predict_array(x, image.affine, probabilities)
+                except _NotFinite:
+                    low, high = float(x.min()), float(x.max())
+                    raise InputError(image.path, f"the network's output is not a number (NaN/Inf) for this image "
+                                                 f"(intensities {low:.4g} to {high:.4g})") from None
+            label = label.cpu().numpy()
         if self.largest_component:
             label = keep_largest_component(label, self.largest_component)
         out_shape = image.spatial_shape
         return Prediction(
             label=label.reshape(out_shape), image=image,
-            probabilities=probs.cpu().numpy().reshape((probs.shape[0], *out_shape)),
+            probabilities=probs.cpu().numpy().reshape((probs.shape[0], *out_shape)) if probs is not None else None,
             uncertainty=unc.cpu().numpy().reshape(out_shape) if unc is not None else None,
             seconds=time.perf_counter() - start, stats=dict(getattr(self.inferer, "last_stats", {})),
         )
@@ -284,21 +294,28 @@ class Predictor:
             raise InputError(image.path, f"is a 2D image {image.spatial_shape} but the model is 3D")
         return x
 
-    def _blank_prediction(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Background with certainty (uncertainty 0) for an image without any contrast."""
-        probs = torch.zeros((self.plan.out_channels, *x.shape[1:]), dtype=torch.float32)
-        probs[0] = 1.0
+    def _blank_prediction(self, x: torch.Tensor, probabilities: bool = True,
+                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Background with certainty (uncertainty 0) for an image without any contrast: probabilities
+        ``(K, *S)`` (None when not asked for and no uncertainty is) and uncertainty ``(*S)``/None."""
+        probs = None
+        if probabilities or self.uncertainty:
+            probs = torch.zeros((self.plan.out_channels, *x.shape[1:]), dtype=torch.float32)
+            probs[0] = 1.0
         if not isinstance(getattr(self.inferer, "last_stats", None), dict):
             self.inferer.last_stats = {}
         self.inferer.last_stats.clear()
         self.inferer.last_stats.update(blank=True, windows=0)
         return probs, (torch.zeros(x.shape[1:], dtype=torch.float32) if self.uncertainty else None)
 
-    def _predict_array(self, x: torch.Tensor, affine: np.ndarray) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(C, *S)`` → probabilities ``(K, *S)`` and uncertainty ``(*S)``/None, in the input grid.
+    def _predict_array(self, x: torch.Tensor, affine: np.ndarray, probabilities: bool = True,
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """``(C, *S)`` → probabilities ``(K, *S)`` (None when not asked for and no uncertainty is),
+        uncertainty ``(*S)``/None and the uint8 label ``(*S)``, in the input grid.
 
         Preprocessing is training's (``medunet.data.transforms``): crop to the nonzero region, reorient,
         resample, normalise. Outside the cropped region the prediction is background with certainty.
+        Raises ``_NotFinite`` when the network's output holds NaN/Inf.
         """
         x = x.to(self.device)
         d = x.dim() - 1
@@ -314,6 +331,8 @@ class Predictor:
             mirror_axes=(0, 1) if slicewise else self.plan.mirror_axes, with_variance=self.uncertainty == "variance",
         )
         t2 = time.perf_counter()
+        if not bool(torch.isfinite(probs).all()):
+            raise _NotFinite
         k = probs.shape[1]
         stack = probs[0] if variance is None else torch.cat([probs[0], variance], dim=0)
         if body is not None:  # background with certainty outside the body box
@@ -321,23 +340,28 @@ class Predictor:
             stack = torch.zeros((inner.shape[0], *xp.shape[1:]), dtype=inner.dtype, device=inner.device)
             stack[0] = 1.0
             stack[(slice(None), *body)] = inner
-        back = grid.from_plan(stack, "bilinear")
-        full = torch.zeros((back.shape[0], *x.shape[1:]), dtype=back.dtype, device=back.device)
-        full[0] = 1.0  # background outside the cropped region
-        full[(slice(None), *box)] = back
-        probs = full[:k]
-        if self.uncertainty == "entropy":
-            unc = entropy_map(probs, dim=0)
-        elif self.uncertainty == "variance":
-            unc = full[k]
-        else:
-            unc = None
+        unc = None
+        if probabilities or self.uncertainty is not None:
+            back = grid.from_plan(stack, "bilinear")
+            full = torch.zeros((back.shape[0], *x.shape[1:]), dtype=back.dtype, device=back.device)
+            full[0] = 1.0  # background outside the cropped region
+            full[(slice(None), *box)] = back
+            probs = full[:k]
+            if self.uncertainty == "entropy":
+                unc = entropy_map(probs, dim=0)
+            elif self.uncertainty == "variance":
+                unc = full[k]
+            label = probs.argmax(dim=0).to(torch.uint8)
+        else:  # the label alone: resampled and decided a few planes at a time
+            label = torch.zeros(x.shape[1:], dtype=torch.uint8, device=stack.device)  # background outside the crop
+            label[box] = grid.from_plan(stack, "bilinear", reduce=_argmax_label)
+            probs = None
         if not isinstance(getattr(self.inferer, "last_stats", None), dict):
             self.inferer.last_stats = {}
         self.inferer.last_stats.update(plan_shape=grid.plan_shape, preprocess_s=t1 - t0, network_s=t2 - t1,
                                        restore_s=time.perf_counter() - t2,
                                        body_box=None if body is None else tuple((b.start, b.stop) for b in body))
-        return probs, unc
+        return probs, unc, label
 
     def preprocess(self, x: torch.Tensor, affine: np.ndarray,
                    normalize: bool = True) -> tuple[torch.Tensor, PlanGrid, tuple[slice, ...]]:
@@ -507,7 +531,7 @@ class Predictor:
             if dicom_todo and image.source != "dicom":
                 raise InputError(path, f"--format {','.join(dicom_todo)} needs a DICOM series input (use --format nifti)")
             stage = "predicting"
-            pred = self.predict_image(image)
+            pred = self.predict_image(image, probabilities="probabilities" in todo)
             stage = "writing"
             dicom = build_dicom_outputs(pred.label, image, dicom_todo, self.plan.labels)  # all built before any write
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -534,6 +558,15 @@ class Predictor:
             return failed(f"{path}: {stage} failed ({_one_line(e)})")
         return SegmentResult(str(path), "ok", outputs=[str(p) for p in outs.values()], shape=image.spatial_shape,
                              seconds=time.perf_counter() - start)
+
+
+class _NotFinite(ArithmeticError):
+    """The network's output holds NaN/Inf (the caller names the image)."""
+
+
+def _argmax_label(chunk: torch.Tensor) -> torch.Tensor:
+    """``(K, *S)`` probabilities → ``(*S)`` uint8 label."""
+    return chunk.argmax(dim=0).to(torch.uint8)
 
 
 def is_blank(x: torch.Tensor) -> bool:

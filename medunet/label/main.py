@@ -246,7 +246,7 @@ class MedunetInferTask(BundleInferTask):
         # a DICOM SEG answer is predicted on the series itself (a DICOMweb study's image is a NIfTI copy)
         image = self._read(data.get(DICOM_SERIES_KEY) or data["image_path"])
         try:
-            prediction = predictor.predict_image(image)
+            prediction = predictor.predict_image(image, probabilities=False)
         except InputError as e:
             raise HTTPException(status_code=400, detail=f"image cannot be segmented by this model: {e.reason}") from None
         data[self.output_label_key] = prediction.label

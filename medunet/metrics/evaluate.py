@@ -5,9 +5,10 @@ against the case's label file in that file's own grid, and write the report.
 :class:`EvaluationRun`, a one-iteration Ignite engine, so that the MLflow tracker attaches to it as it
 does to a trainer.
 
-The predictor is anything with ``predict_image(ImageData) -> prediction`` whose result has ``.label``
-(an integer map ``(*S)`` in the image's grid), e.g. :class:`medunet.inference.Predictor` (``plan`` gives
-the default class names); this module does not import the inference package.
+The predictor is anything with ``predict_image(ImageData, probabilities=False) -> prediction`` whose
+result has ``.label`` (an integer map ``(*S)`` in the image's grid), e.g.
+:class:`medunet.inference.Predictor` (``plan`` gives the default class names); this module does not
+import the inference package.
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ def evaluate_files(
         first = image_path if isinstance(image_path, (str, os.PathLike)) else (list(image_path or []) or ["?"])[0]
         try:
             image = _read_case_image(image_path)
-            prediction = predictor.predict_image(image)
+            prediction = predictor.predict_image(image, probabilities=False)
             label = read_image(item["label"])
             row = score_prediction(np.asarray(prediction.label), image, label, label_names, tolerance_mm, metrics)
         except InputError as e:
