@@ -100,6 +100,8 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="CT models: predict only inside the body's bounding box (HU > -500, plus a margin); "
                         "background outside")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="do not read the next input while predicting this one (prefetch holds two in memory)")
     p.add_argument("--backend", choices=["torch", "torch-compile", "onnxruntime", "openvino"], default="torch",
                    help="what runs the network (default torch; torch-compile: torch.compile, compiled at the "
                         "first window, worth it for folders; onnxruntime/openvino: CPU only, the network "
@@ -124,7 +126,15 @@ def _formats_arg(value: str) -> tuple[str, ...]:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--format ")) from None
 
 
+def torch_cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _run_segment(args: argparse.Namespace) -> int:
+    """``medunet segment``; under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) each rank segments its share
+    of the inputs (every ``WORLD_SIZE``-th, from ``RANK``) and prints its own table."""
     import warnings
 
     from medunet.inference import Predictor, segment_inputs
@@ -133,10 +143,14 @@ def _run_segment(args: argparse.Namespace) -> int:
         print("medunet segment: error: give --bundle and/or --checkpoint", file=sys.stderr)
         return EXIT_USAGE
     roi = (args.roi_size[0] if len(args.roi_size) == 1 else args.roi_size) if args.roi_size else "auto"
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = args.device
+    if world > 1 and device == "auto" and torch_cuda_count() > 0:
+        device = f"cuda:{local_rank % torch_cuda_count()}"  # torchrun: one GPU per local rank
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         predictor = Predictor.from_bundle(
-            args.bundle, args.checkpoint, device=args.device, tta=args.tta, overlap=args.overlap, roi_size=roi,
+            args.bundle, args.checkpoint, device=device, tta=args.tta, overlap=args.overlap, roi_size=roi,
             sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
             progress=not args.no_progress, cpu_bf16={"on": True, "off": False}.get(args.cpu_bf16, "auto"),
             body_crop=args.body_crop, backend=args.backend, model_file=args.model_file, placement=args.placement,
@@ -147,7 +161,8 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     results = segment_inputs(predictor, args.input, args.output, overwrite=args.overwrite,
                              save_probabilities=args.save_probabilities, uncertainty=uncertainty,
-                             formats=args.formats)
+                             formats=args.formats, shard=(rank, world), prefetch=not args.no_prefetch,
+                             prefix="medunet segment" + (f" [rank {rank}/{world}]" if world > 1 else ""))
     n_failed = sum(r.failed for r in results)  # skipped cases (all outputs exist) are done, not failed
     return batch_exit_code(sum(r.done for r in results), n_failed)  # hidden entries ignored: neither
 

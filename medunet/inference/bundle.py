@@ -71,9 +71,11 @@ def segment_inputs(
     prefix: str = "medunet segment",
     stream: TextIO | None = None,
     formats: Sequence[str] | str = ("nifti",),
+    shard: tuple[int, int] = (0, 1),
+    prefetch: bool = True,
 ) -> list[SegmentResult]:
     """:meth:`Predictor.segment` with one line per failed or skipped input on stderr and the summary
-    table on stdout (what ``medunet segment`` and ``inferring`` print).
+    table on stdout (what ``medunet segment`` and ``inferring`` print); ``shard``, ``prefetch``: see there.
 
     Writes ``<output_dir>/<id>_seg.nii.gz`` (``.png`` for 2D image inputs) per input, atomically, and
     for DICOM inputs ``<id>_seg.dcm`` / ``<id>_rtstruct.dcm`` as ``formats`` asks.
@@ -88,7 +90,8 @@ def segment_inputs(
             tqdm.write(printable(f"{prefix}: {line}"), file=stream or sys.stderr)
 
     results = predictor.segment(inputs, output_dir, overwrite=overwrite, save_probabilities=save_probabilities,
-                                uncertainty=uncertainty, report=report, formats=formats)
+                                uncertainty=uncertainty, report=report, formats=formats, shard=shard,
+                                prefetch=prefetch)
     print(summary_table(results), flush=True)
     return results
 

@@ -20,6 +20,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -390,6 +391,8 @@ class Predictor:
         uncertainty: bool | str = False,
         report: Callable[[SegmentResult], None] | None = None,
         formats: Sequence[str] | str = ("nifti",),
+        shard: tuple[int, int] = (0, 1),
+        prefetch: bool = True,
     ) -> list[SegmentResult]:
         """Segment a file, a folder of images, a folder of patient folders, a DICOM series folder, or
         a list of those.
@@ -415,6 +418,13 @@ class Predictor:
         ``formats`` (``nifti``, ``dicom-seg``, ``rtstruct``) says which label files: for a DICOM series
         input ``dicom-seg`` / ``rtstruct`` write ``<id>_seg.dcm`` / ``<id>_rtstruct.dcm`` referencing it
         (:mod:`medunet.io.dicom.outputs`).
+
+        ``shard=(rank, world_size)``: this process segments inputs ``rank, rank + world_size, ...`` of
+        the scanned list (the same list in every process), so ``world_size`` processes (``torchrun``
+        ranks, one per GPU or CPU share) write each case exactly once; output-name collisions are found
+        over the whole list, and hidden entries are reported by rank 0 only.
+        ``prefetch``: the next input that needs predicting is read in a background thread while this
+        one is predicted (holds up to two inputs in memory).
         """
         from medunet.io.dicom.outputs import parse_formats
 
@@ -435,7 +445,12 @@ class Predictor:
             if report:
                 report(result)
             return [result]
-        for entry, reason in left_out:
+        rank, world = (int(v) for v in shard)
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"shard {shard!r}: need 0 <= rank < world_size")
+        claimed = _claim_outputs(found, out_dir, save_probabilities, kind is not None, formats)
+        found = found[rank::world]
+        for entry, reason in left_out if rank == 0 else ():
             results.append(SegmentResult(str(entry), "ignored", message=f"{entry}: ignored: {reason}"))
             if report:
                 report(results[-1])
@@ -461,48 +476,66 @@ class Predictor:
                 problem = output_folder_problem(folder)
                 folder_problems[folder] = None if problem is None else f"output folder {folder} {problem}"
         inputs_resolved = frozenset(_resolved(path) for path, _ in found)
-        claimed: dict[Path, str] = {}
         iterator = found
         if self.progress and len(found) > 1:
             from tqdm.auto import tqdm
 
             iterator = tqdm(found, desc="files", unit="file")
+
+        def needs_reading(i: int) -> bool:
+            path, rel = found[i]
+            outs = output_paths(path, out_dir / rel, save_probabilities, kind is not None, formats)
+            return (claimed.get(outs[next(iter(outs))]) == str(path) and folder_problems.get(out_dir / rel) is None
+                    and (overwrite or any(not _is_file(o) for o in outs.values())))
+
+        reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medunet-read") if prefetch else None
+        ahead: dict[int, Future] = {}
         try:
-            for path, rel in iterator:
+            for i, (path, rel) in enumerate(iterator):
                 folder = out_dir / rel
+                if reader is not None:  # read the next input that will be predicted while this one is
+                    nxt = next((j for j in range(i + 1, len(found)) if needs_reading(j)), None)
+                    if nxt is not None and nxt not in ahead:
+                        ahead[nxt] = reader.submit(read_image, found[nxt][0])
                 try:
                     result = self._segment_one(path, folder, overwrite, save_probabilities, kind is not None,
-                                               claimed, folder_problems.get(folder), inputs_resolved, formats)
+                                               claimed, folder_problems.get(folder), inputs_resolved, formats,
+                                               image_future=ahead.pop(i, None))
                 except Exception as e:  # _segment_one turns failures into results; this is the last guard
                     result = SegmentResult(str(path), "failed", message=f"{path}: {_one_line(e)}")
                 results.append(result)
                 if report:
                     report(result)
         finally:
+            if reader is not None:
+                for future in ahead.values():
+                    future.cancel()
+                reader.shutdown(wait=True)
             self.uncertainty = previous
-            for folder in created:
+            for folder in created if world == 1 else ():  # other ranks may still write into shared folders
                 with contextlib.suppress(OSError):
                     folder.rmdir()  # only when empty: nothing of this run (or another) is in it
         return results
 
     def _segment_one(self, path: Path, out_dir: Path, overwrite: bool, save_probabilities: bool,
                      save_uncertainty: bool, claimed: dict[Path, str], folder_problem: str | None = None,
-                     inputs: frozenset[Path] = frozenset(), formats: Sequence[str] = ("nifti",)) -> SegmentResult:
-        """One input of :meth:`segment`: outputs checked, read, predicted, written; never raises
-        (but for KeyboardInterrupt): any failure becomes this input's one-line ``"failed"`` result."""
+                     inputs: frozenset[Path] = frozenset(), formats: Sequence[str] = ("nifti",),
+                     image_future: Future | None = None) -> SegmentResult:
+        """One input of :meth:`segment`: outputs checked, read (or taken from ``image_future``, a read
+        started ahead), predicted, written; never raises (but for KeyboardInterrupt): any failure
+        becomes this input's one-line ``"failed"`` result. ``claimed``: output path → the input that
+        owns it (:func:`_claim_outputs`); another input's output is a collision."""
         start = time.perf_counter()
         from medunet.io.dicom.outputs import DICOM_FORMATS, build_dicom_outputs, write_dicom_outputs
 
         outs = output_paths(path, out_dir, save_probabilities, save_uncertainty, formats)
-        taken = next((p for p in outs.values() if p in claimed), None)
+        taken = next((p for p in outs.values() if claimed.setdefault(p, str(path)) != str(path)), None)
         if taken is not None:
             clash = claimed[taken]
             hint = ("" if Path(clash).parent == path.parent else
                     f", or give the folder holding both as the input ({out_dir} then mirrors its sub-folders)")
             return SegmentResult(str(path), "failed", message=f"{path}: output name {taken.name} collides with "
                                  f"that of {clash} (both {taken}); rename one of them{hint}")
-        for p in outs.values():
-            claimed[p] = str(path)
         if inputs and any(_resolved(p) in inputs for p in outs.values()):
             mine = next(p for p in outs.values() if _resolved(p) in inputs)
             return SegmentResult(str(path), "failed", message=f"{path}: not segmented: its output {mine} is one of "
@@ -526,7 +559,7 @@ class Predictor:
                 return failed(f"{path}: not segmented: output {target} {problem}")
         stage, target = "reading", None
         try:
-            image = read_image(path)
+            image = image_future.result() if image_future is not None else read_image(path)
             dicom_todo = [f for f in DICOM_FORMATS if f in todo]
             if dicom_todo and image.source != "dicom":
                 raise InputError(path, f"--format {','.join(dicom_todo)} needs a DICOM series input (use --format nifti)")
@@ -558,6 +591,18 @@ class Predictor:
             return failed(f"{path}: {stage} failed ({_one_line(e)})")
         return SegmentResult(str(path), "ok", outputs=[str(p) for p in outs.values()], shape=image.spatial_shape,
                              seconds=time.perf_counter() - start)
+
+
+def _claim_outputs(found: Sequence[tuple[Path, Path]], out_dir: Path, probabilities: bool, uncertainty: bool,
+                   formats: Sequence[str]) -> dict[Path, str]:
+    """Output path → the first input (in ``found`` order) that writes it; an input any of whose
+    outputs is already taken claims none (it fails as a collision)."""
+    claimed: dict[Path, str] = {}
+    for path, rel in found:
+        outs = output_paths(path, out_dir / rel, probabilities, uncertainty, formats).values()
+        if not any(o in claimed for o in outs):
+            claimed.update((o, str(path)) for o in outs)
+    return claimed
 
 
 class _NotFinite(ArithmeticError):
