@@ -100,8 +100,9 @@ def _add_segment(sub: argparse._SubParsersAction) -> None:
                    help="CT models: predict only inside the body's bounding box (HU > -500, plus a margin); "
                         "background outside")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-prefetch", action="store_true",
-                   help="do not read the next input while predicting this one (prefetch holds two in memory)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="read the next input while predicting this one (holds two in memory; for slow storage "
+                        "or spare cores: no gain on 2 busy cores)")
     p.add_argument("--backend", choices=["torch", "torch-compile", "onnxruntime", "openvino"], default="torch",
                    help="what runs the network (default torch; torch-compile: torch.compile, compiled at the "
                         "first window, worth it for folders; onnxruntime/openvino: CPU only, the network "
@@ -132,9 +133,37 @@ def torch_cuda_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def torchrun_shard() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` when started by ``torchrun`` (its ``RANK``, ``WORLD_SIZE``,
+    ``LOCAL_RANK`` and ``MASTER_ADDR`` all set), else ``(0, 1, 0)``: a stray ``WORLD_SIZE`` in a shell
+    never makes a plain run do only part of its inputs."""
+    names = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    if not all(os.environ.get(k) for k in names):
+        return 0, 1, 0
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+def _all_ranks_total(n_ok: int, n_failed: int) -> tuple[int, int]:
+    """Sum ``(n_ok, n_failed)`` over the torchrun ranks (a gloo group over torchrun's rendezvous
+    address); every rank returns only once all have finished, so no rank's exit stops another's work."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))  # a rank may have hours of cases
+    try:
+        counts = torch.tensor([n_ok, n_failed], dtype=torch.int64)
+        dist.all_reduce(counts)
+        return int(counts[0]), int(counts[1])
+    finally:
+        dist.destroy_process_group()
+
+
 def _run_segment(args: argparse.Namespace) -> int:
-    """``medunet segment``; under ``torchrun`` (``RANK``/``WORLD_SIZE`` set) each rank segments its share
-    of the inputs (every ``WORLD_SIZE``-th, from ``RANK``) and prints its own table."""
+    """``medunet segment``; under ``torchrun`` each rank segments its share of the inputs (every
+    ``WORLD_SIZE``-th, from ``RANK``) and prints its own table; the ranks then wait for each other and
+    all exit with the status of the whole batch (rank 0 prints the total)."""
     import warnings
 
     from medunet.inference import Predictor, segment_inputs
@@ -143,9 +172,9 @@ def _run_segment(args: argparse.Namespace) -> int:
         print("medunet segment: error: give --bundle and/or --checkpoint", file=sys.stderr)
         return EXIT_USAGE
     roi = (args.roi_size[0] if len(args.roi_size) == 1 else args.roi_size) if args.roi_size else "auto"
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    rank, world, local_rank = torchrun_shard()
     device = args.device
-    if world > 1 and device == "auto" and torch_cuda_count() > 0:
+    if world > 1 and device in ("auto", "cuda") and torch_cuda_count() > 0:
         device = f"cuda:{local_rank % torch_cuda_count()}"  # torchrun: one GPU per local rank
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
@@ -161,10 +190,15 @@ def _run_segment(args: argparse.Namespace) -> int:
 
     results = segment_inputs(predictor, args.input, args.output, overwrite=args.overwrite,
                              save_probabilities=args.save_probabilities, uncertainty=uncertainty,
-                             formats=args.formats, shard=(rank, world), prefetch=not args.no_prefetch,
+                             formats=args.formats, shard=(rank, world), prefetch=args.prefetch,
                              prefix="medunet segment" + (f" [rank {rank}/{world}]" if world > 1 else ""))
     n_failed = sum(r.failed for r in results)  # skipped cases (all outputs exist) are done, not failed
-    return batch_exit_code(sum(r.done for r in results), n_failed)  # hidden entries ignored: neither
+    n_done = sum(r.done for r in results)  # ignored entries (hidden, repeated): neither
+    if world > 1:
+        n_done, n_failed = _all_ranks_total(n_done, n_failed)
+        if rank == 0:
+            print(f"all {world} ranks: {n_done}/{n_done + n_failed} succeeded", flush=True)
+    return batch_exit_code(n_done, n_failed)
 
 
 # --------------------------------------------------------------------------------------------------

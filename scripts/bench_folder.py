@@ -57,8 +57,8 @@ def main() -> None:
                "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     configs = {
-        "one at a time (--no-prefetch)": lambda out: [sys.executable, *segment, "-o", out, "--no-prefetch"],
-        "next volume read ahead (default)": lambda out: [sys.executable, *segment, "-o", out],
+        "one at a time (default)": lambda out: [sys.executable, *segment, "-o", out],
+        "next volume read ahead (--prefetch)": lambda out: [sys.executable, *segment, "-o", out, "--prefetch"],
         "torchrun, 2 processes x 1 thread": lambda out: [
             sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--master-addr",
             "127.0.0.1", "--master-port", str(_free_port()), *segment, "-o", out],

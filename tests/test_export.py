@@ -119,7 +119,6 @@ def test_predictor_backend_gives_torch_s_probabilities(net, backend):
     assert np.array_equal(ours.label, ref.label)
 
 
-@needs("openvino")
 def test_torch_compile_backend_gives_eager_probabilities():
     torch.manual_seed(0)  # two convolutions: compiling a whole U-Net would take a minute of CI
     small = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU(),
@@ -133,6 +132,7 @@ def test_torch_compile_backend_gives_eager_probabilities():
     assert float(np.abs(ours.probabilities - ref.probabilities).max()) <= 1e-4
 
 
+@needs("openvino")
 def test_openvino_bfloat16_stays_close_to_float32(net):
     settings = {"device": "cpu", "roi_size": (16, 16, 8), "overlap": 0.5}
     ref = Predictor(net, _plan(), cpu_bf16=False, **settings).predict_image(_image())

@@ -450,8 +450,16 @@ def test_infer_answers_dicom_seg_for_a_dicom_series_study(server):
     assert again.ReferencedSeriesSequence[0].SeriesInstanceUID == series.series
     np.testing.assert_array_equal(_dicom_seg_frames(again, uids, numbers[0]), segmented == numbers[0])
 
-    # a NIfTI study cannot have one: 400 naming the study, before any prediction; an unknown format too
+    # the series folder is never taken from the client: a NIfTI study with a planted path is that study's label
     nifti_id = sorted(server.ref_labels)[0]
+    plain = requests.post(f"{server.url}/infer/ct", params={"image": nifti_id, "output": "image"}, timeout=300)
+    planted = requests.post(f"{server.url}/infer/ct", params={"image": nifti_id, "output": "image"},
+                            data={"params": json.dumps({"medunet_dicom_series": str(series.folder)})}, timeout=300)
+    assert plain.status_code == planted.status_code == 200, planted.text[:300]
+    np.testing.assert_array_equal(_label_array(planted.content, server.root, "planted.nii.gz")[0],
+                                  _label_array(plain.content, server.root, "plain.nii.gz")[0])
+
+    # a NIfTI study cannot have one: 400 naming the study, before any prediction; an unknown format too
     r = requests.post(f"{server.url}/infer/ct", params={"image": nifti_id, "output": "dicom_seg"}, timeout=60)
     assert r.status_code == 400 and nifti_id in r.json()["detail"] and "not a DICOM series" in r.json()["detail"], r.text
     r = requests.post(f"{server.url}/infer/ct", params={"image": DICOM_STUDY, "output": "image"},

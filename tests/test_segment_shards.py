@@ -98,6 +98,25 @@ def test_prefetch_reads_the_next_input_in_a_thread_and_changes_nothing(tmp_path,
     assert sorted(readers) == ["case_9.nii.gz"]
 
 
+def test_repeats_and_the_output_folder_inside_the_input_are_ignored(tmp_path, tiny_checkpoint):
+    data = tmp_path / "data"
+    for i in range(2):
+        write_good_image(data / f"case_{i}.nii.gz", seed=i)
+    out = data / "pred"  # the output folder inside the input folder
+    predictor = Predictor.from_bundle(None, tiny_checkpoint, device="cpu", progress=False)
+    assert [r.status for r in predictor.segment(data, out)] == ["ok", "ok"]
+    again = predictor.segment([data, data / "case_0.nii.gz"], out)  # a rerun, one file given twice
+    by_status = {r.status: [] for r in again}
+    for r in again:
+        by_status[r.status].append(r)
+    assert sorted(Path(r.input).name for r in by_status["skipped"]) == ["case_0.nii.gz", "case_1.nii.gz"]
+    reasons = sorted(r.message.split(": ignored: ")[1] for r in by_status["ignored"])
+    assert len(reasons) == 3, reasons  # the two earlier labels in pred/, and the repeated case_0
+    assert all(r.startswith("inside the output folder") for r in reasons[:2]), reasons
+    assert reasons[2].startswith("the same file as an earlier input"), reasons
+    assert "failed" not in by_status and not (out / "pred").exists()  # earlier outputs are never inputs
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,16 +126,29 @@ def _free_port() -> int:
 def test_torchrun_two_cpu_processes_split_the_folder(tmp_path, folder, tiny_checkpoint):
     out = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-               "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "medunet.cli", "segment",
-               "-i", str(folder), "-o", str(out), "--checkpoint", str(tiny_checkpoint), "--device", "cpu",
-               "--no-progress"]
-    run = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    def torchrun(inputs: Path, out: Path) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+                   "--monitor-interval", "0.1", "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+                   "-m", "medunet.cli", "segment", "-i", str(inputs), "-o", str(out), "--checkpoint",
+                   str(tiny_checkpoint), "--device", "cpu", "--no-progress"]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    run = torchrun(folder, out)
     assert "[rank 1/2]" in run.stderr and "case_9.nii.gz" in run.stderr, run.stderr[-3000:]
     assert sorted(_labels(out)) == [f"case_{i}_seg.nii.gz" for i in range(5)]
-    tables = [ln for ln in run.stdout.splitlines() if "succeeded" in ln]
-    assert sorted(tables) == ["2/3 succeeded", "3/3 succeeded"], run.stdout  # rank 1 has the bad file
+    tables = [ln for ln in run.stdout.splitlines() if ln.endswith("succeeded")]
+    assert sorted(tables) == ["2/3 succeeded", "3/3 succeeded", "all 2 ranks: 5/6 succeeded"], run.stdout
+    assert run.returncode != 0  # a failed case: torchrun reports its ranks' status 3 as a failure
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    again = torchrun(folder, out)
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing rewritten
     assert again.stdout.count("skipped") >= 5, again.stdout
+
+    # the rank whose share fails at once waits for the other: its exit must not stop a rank still working
+    slow = tmp_path / "slow"
+    write_good_image(slow / "a_large.nii.gz", shape=(120, 120, 90), seed=7)  # rank 0: seconds of work
+    (slow / "b_bad.nii.gz").write_bytes(b"garbage")  # rank 1: fails at once
+    run = torchrun(slow, tmp_path / "slow_out")
+    assert (tmp_path / "slow_out" / "a_large_seg.nii.gz").is_file(), run.stderr[-3000:]
+    assert "all 2 ranks: 1/2 succeeded" in run.stdout, run.stdout

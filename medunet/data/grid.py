@@ -113,7 +113,7 @@ class PlanGrid:
             if orientation:
                 img = Orientation(axcodes=orientation[:d], labels=None)(img)
             if target_spacing is not None:
-                img = Spacing(pixdim=[float(s) for s in target_spacing], mode=mode)(img)
+                img = Spacing(pixdim=[float(s) for s in target_spacing], mode=mode, dtype=torch.float32)(img)
         plan_affine = to_affine_nd(d, np.asarray(img.affine.cpu(), dtype=np.float64))
         grid = cls(to_affine_nd(d, affine4), tuple(int(s) for s in x.shape[1:]), plan_affine,
                    tuple(int(s) for s in img.shape[1:]))

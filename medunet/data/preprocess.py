@@ -62,7 +62,8 @@ def plan_spacing(plan: Plan, spatial_dims: int) -> list[float] | None:
 
 
 def channels_first(image: ImageData) -> torch.Tensor:
-    """``(C, *S)`` float32 tensor of an image (a trailing channel axis moved first).
+    """``(C, *S)`` float32 tensor of an image (a trailing channel axis moved first), sharing the
+    image's memory when it is float32 already (strides as they are).
 
     Raises:
         InputError: naming the file for an array that is neither ``(*S)`` nor ``(*S, C)``, or empty.
@@ -77,7 +78,9 @@ def channels_first(image: ImageData) -> torch.Tensor:
         raise InputError(image.path, f"unexpected array shape {arr.shape}")
     if min(arr.shape[1:]) < 1:
         raise InputError(image.path, f"empty image {image.spatial_shape}")
-    return torch.from_numpy(np.ascontiguousarray(arr))
+    if any(s < 0 for s in arr.strides) or not arr.flags.writeable:
+        arr = np.ascontiguousarray(arr)
+    return torch.from_numpy(arr)  # a view: NIfTI arrays are Fortran-ordered, and copying one costs its size
 
 
 def preprocess_tensor(x: torch.Tensor, affine: np.ndarray, plan: Plan,

@@ -233,7 +233,9 @@ def _preprocessing(plan: Plan, image_key: str, label_key: str | None, crop: bool
     pixdim = _pixdim(plan)
     if pixdim is not None:
         modes = ["bilinear"] + ["nearest"] * (len(keys) - 1)
-        steps.append(Spacingd(keys, pixdim=pixdim, mode=modes))
+        # float32 resampling (MONAI's default computes in float64: a transient of ~4 input sizes on a
+        # large CT); the Predictor's PlanGrid.resample_image uses the same, so both stay identical
+        steps.append(Spacingd(keys, pixdim=pixdim, mode=modes, dtype=torch.float32))
     steps.append(NormalizeIntensityPland(image_key, plan.normalization))
     steps.append(EnsureTyped(image_key, dtype=torch.float32, track_meta=True))
     if len(keys) > 1:

@@ -72,7 +72,7 @@ def segment_inputs(
     stream: TextIO | None = None,
     formats: Sequence[str] | str = ("nifti",),
     shard: tuple[int, int] = (0, 1),
-    prefetch: bool = True,
+    prefetch: bool = False,
 ) -> list[SegmentResult]:
     """:meth:`Predictor.segment` with one line per failed or skipped input on stderr and the summary
     table on stdout (what ``medunet segment`` and ``inferring`` print); ``shard``, ``prefetch``: see there.

@@ -237,6 +237,9 @@ def load_engine(backend: str, network: torch.nn.Module, patch_size: Sequence[int
     if backend == "torch":
         return network
     if backend == "torch-compile":  # inductor code for the window shape, made at the first call (slow)
+        if model_file is not None:
+            raise ValueError("a model file is for --backend onnxruntime or openvino; torch-compile compiles the "
+                             "checkpoint's network")
         return torch.compile(network, dynamic=False)
     if model_file is not None and not Path(model_file).is_file():
         from medunet.io.errors import InputError

@@ -100,7 +100,7 @@ class SegmentResult:
     """Outcome of one input of :meth:`Predictor.segment`."""
 
     input: str
-    status: str  # "ok", "failed", "skipped" (every requested output already exists) or "ignored" (hidden entry)
+    status: str  # "ok", "failed", "skipped" (all outputs exist) or "ignored" (hidden, repeated, in the output folder)
     outputs: list[str] = field(default_factory=list)
     shape: tuple[int, ...] | None = None
     seconds: float = 0.0
@@ -392,7 +392,7 @@ class Predictor:
         report: Callable[[SegmentResult], None] | None = None,
         formats: Sequence[str] | str = ("nifti",),
         shard: tuple[int, int] = (0, 1),
-        prefetch: bool = True,
+        prefetch: bool = False,
     ) -> list[SegmentResult]:
         """Segment a file, a folder of images, a folder of patient folders, a DICOM series folder, or
         a list of those.
@@ -422,9 +422,13 @@ class Predictor:
         ``shard=(rank, world_size)``: this process segments inputs ``rank, rank + world_size, ...`` of
         the scanned list (the same list in every process), so ``world_size`` processes (``torchrun``
         ranks, one per GPU or CPU share) write each case exactly once; output-name collisions are found
-        over the whole list, and hidden entries are reported by rank 0 only.
+        over the whole list, and ignored entries are reported by rank 0 only; sub-folders created for
+        inputs that failed are then kept (another rank may be writing into them). Entries inside
+        ``out_dir`` and repeats of the same file are ``"ignored"`` with the reason.
         ``prefetch``: the next input that needs predicting is read in a background thread while this
-        one is predicted (holds up to two inputs in memory).
+        one is predicted (holds up to two inputs in memory). Off by default: on 2 CPU cores reading and
+        predicting compete for the same cores (``scripts/bench_folder.py``: 0.99× for 10 CT phantoms);
+        it is for slow storage or spare cores.
         """
         from medunet.io.dicom.outputs import parse_formats
 
@@ -448,6 +452,7 @@ class Predictor:
         rank, world = (int(v) for v in shard)
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"shard {shard!r}: need 0 <= rank < world_size")
+        found = _distinct_inputs(found, out_dir, left_out)
         claimed = _claim_outputs(found, out_dir, save_probabilities, kind is not None, formats)
         found = found[rank::world]
         for entry, reason in left_out if rank == 0 else ():
@@ -510,7 +515,7 @@ class Predictor:
             if reader is not None:
                 for future in ahead.values():
                     future.cancel()
-                reader.shutdown(wait=True)
+                reader.shutdown(wait=True, cancel_futures=True)
             self.uncertainty = previous
             for folder in created if world == 1 else ():  # other ranks may still write into shared folders
                 with contextlib.suppress(OSError):
@@ -593,6 +598,26 @@ class Predictor:
                              seconds=time.perf_counter() - start)
 
 
+def _distinct_inputs(found: Sequence[tuple[Path, Path]], out_dir: Path,
+                     left_out: list[tuple[Path, str]]) -> list[tuple[Path, Path]]:
+    """``found`` without entries inside the output folder (earlier outputs when it lies in an input
+    folder) and without repeats of the same file; each one left out is added to ``left_out`` with
+    its reason. Every rank of a sharded run so sees the same list, whoever created ``out_dir`` first."""
+    out = _resolved(out_dir)
+    kept: list[tuple[Path, Path]] = []
+    seen: set[Path] = set()
+    for path, rel in found:
+        real = _resolved(path)
+        if real == out or out in real.parents:
+            left_out.append((path, f"inside the output folder {out_dir}, not read as an input"))
+        elif real in seen:
+            left_out.append((path, "the same file as an earlier input, segmented once"))
+        else:
+            seen.add(real)
+            kept.append((path, rel))
+    return kept
+
+
 def _claim_outputs(found: Sequence[tuple[Path, Path]], out_dir: Path, probabilities: bool, uncertainty: bool,
                    formats: Sequence[str]) -> dict[Path, str]:
     """Output path → the first input (in ``found`` order) that writes it; an input any of whose
@@ -617,8 +642,10 @@ def _argmax_label(chunk: torch.Tensor) -> torch.Tensor:
 def is_blank(x: torch.Tensor) -> bool:
     """True when every channel of ``x`` (C, *S) holds one value (all zero, all air, all padding): such
     a scan has no structure, so its label is background everywhere (no network needed)."""
-    flat = x.reshape(x.shape[0], -1)
-    return bool(flat.numel() == 0 or (flat == flat[:, :1]).all())
+    if x.numel() == 0:
+        return True
+    dims = tuple(range(1, x.dim()))
+    return bool((x.amin(dim=dims) == x.amax(dim=dims)).all())  # no copy of a large (strided) input
 
 
 def body_box(x: torch.Tensor, threshold: float = -500.0, margin: int = 16, factor: int = 4) -> tuple[slice, ...]:
@@ -829,5 +856,5 @@ def summary_table(results: Sequence[SegmentResult]) -> str:
     n_ignored = sum(r.status == "ignored" for r in results)
     lines.append(f"{n_done}/{len(results) - n_ignored} succeeded"
                  + (f" ({n_skipped} skipped: outputs exist)" if n_skipped else "")
-                 + (f"; {n_ignored} hidden entr{'y' if n_ignored == 1 else 'ies'} ignored" if n_ignored else ""))
+                 + (f"; {n_ignored} entr{'y' if n_ignored == 1 else 'ies'} ignored" if n_ignored else ""))
     return "\n".join(lines)

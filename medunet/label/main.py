@@ -605,8 +605,10 @@ class MedunetLabelApp(MONAILabelApp):
             wanted = requested_format(request)
         except ValueError as e:
             raise HTTPException(status_code=400, detail=str(e)) from None
+        # the series folder is the server's to set, from the checked study id: never a path from the client
+        request = {k: v for k, v in request.items() if k != DICOM_SERIES_KEY}
         if wanted == "dicom-seg":
-            request = {**request, DICOM_SERIES_KEY: str(self._dicom_series(image, datastore or self.datastore()))}
+            request[DICOM_SERIES_KEY] = str(self._dicom_series(image, datastore or self.datastore()))
         return super().infer(request, datastore)
 
     def _dicom_series(self, image: Any, datastore: Datastore) -> Path:
