@@ -452,7 +452,8 @@ class Predictor:
         rank, world = (int(v) for v in shard)
         if world < 1 or not 0 <= rank < world:
             raise ValueError(f"shard {shard!r}: need 0 <= rank < world_size")
-        found = _distinct_inputs(found, out_dir, left_out)
+        items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+        found = _distinct_inputs(found, out_dir, left_out, frozenset(_resolved(Path(i)) for i in items))
         claimed = _claim_outputs(found, out_dir, save_probabilities, kind is not None, formats)
         found = found[rank::world]
         for entry, reason in left_out if rank == 0 else ():
@@ -598,17 +599,19 @@ class Predictor:
                              seconds=time.perf_counter() - start)
 
 
-def _distinct_inputs(found: Sequence[tuple[Path, Path]], out_dir: Path,
-                     left_out: list[tuple[Path, str]]) -> list[tuple[Path, Path]]:
-    """``found`` without entries inside the output folder (earlier outputs when it lies in an input
-    folder) and without repeats of the same file; each one left out is added to ``left_out`` with
-    its reason. Every rank of a sharded run so sees the same list, whoever created ``out_dir`` first."""
+def _distinct_inputs(found: Sequence[tuple[Path, Path]], out_dir: Path, left_out: list[tuple[Path, str]],
+                     given: frozenset[Path] = frozenset()) -> list[tuple[Path, Path]]:
+    """``found`` without repeats of the same file and, when the output folder lies inside an input
+    folder (``-i data -o data/pred``), without what a scan found in it (earlier outputs); each one left
+    out is added to ``left_out`` with its reason. ``given``: the resolved inputs as given — those, and
+    anything when ``out_dir`` is itself one of them, are never left out for lying in ``out_dir``. Every
+    rank of a sharded run so sees the same list, whoever created ``out_dir`` first."""
     out = _resolved(out_dir)
     kept: list[tuple[Path, Path]] = []
     seen: set[Path] = set()
     for path, rel in found:
         real = _resolved(path)
-        if real == out or out in real.parents:
+        if out not in given and real not in given and (real == out or out in real.parents):
             left_out.append((path, f"inside the output folder {out_dir}, not read as an input"))
         elif real in seen:
             left_out.append((path, "the same file as an earlier input, segmented once"))
