@@ -31,3 +31,27 @@ def hippocampus_dir() -> Path:
     if not (HIPPOCAMPUS / "dataset.json").exists():
         pytest.skip(f"real data not present at {HIPPOCAMPUS} (read-only shared dataset)")
     return HIPPOCAMPUS
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A tiny random 3D UNet checkpoint with its plan beside it (:func:`reliability_support.make_tiny_checkpoint`)."""
+    from reliability_support import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("model"))
+
+
+@pytest.fixture
+def predictions(monkeypatch) -> list[str]:
+    """The input paths :meth:`Predictor.predict_image` was called for, in order (to prove a check came first)."""
+    from medunet.inference import predictor as predictor_module
+
+    seen: list[str] = []
+    original = predictor_module.Predictor.predict_image
+
+    def counting(self, image, *args, **kwargs):
+        seen.append(str(image.path))
+        return original(self, image, *args, **kwargs)
+
+    monkeypatch.setattr(predictor_module.Predictor, "predict_image", counting)
+    return seen

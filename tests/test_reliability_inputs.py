@@ -34,7 +34,6 @@ from hostile import (
 )
 from reliability_support import (
     assert_nothing_partial,
-    make_tiny_checkpoint,
     medunet_argv,
     permissions_enforceable,
     run_cli,
@@ -132,11 +131,6 @@ def test_unreadable_file_with_permissions_enforced(tmp_path):
 # medunet segment
 SEGMENT_CASES = [n for n in IMAGE_CASES + FOLDER_CASES if n != "unreadable_file"]  # that one: batch test
 _KNOWN_SEGMENT_BUGS: dict[str, str] = {}  # B7 (tiny_volume) fixed: padded to the patch
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("model"))
 
 
 _segment_argv = segment_argv

@@ -10,33 +10,12 @@ from pathlib import Path
 import hostile
 import nibabel as nib
 import numpy as np
-import pytest
 from hostile import write_good_image
-from reliability_support import assert_nothing_partial, make_tiny_checkpoint, run_cli, segment_argv
+from reliability_support import assert_nothing_partial, run_cli, segment_argv
 
 from medunet.data import Plan
-from medunet.inference import predictor as predictor_module
 from medunet.inference.predictor import scan_input_folders
 from medunet.io import read_image, save_checkpoint
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("model"))
-
-
-@pytest.fixture
-def predictions(monkeypatch):
-    """The inputs :meth:`Predictor.predict_image` was called for (to prove a check came first)."""
-    seen: list[str] = []
-    original = predictor_module.Predictor.predict_image
-
-    def counting(self, image, *args, **kwargs):
-        seen.append(str(image.path))
-        return original(self, image, *args, **kwargs)
-
-    monkeypatch.setattr(predictor_module.Predictor, "predict_image", counting)
-    return seen
 
 
 def _assert_label_of(label_path: Path, image_path: Path) -> None:

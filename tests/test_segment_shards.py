@@ -14,17 +14,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 from hostile import write_good_image
-from reliability_support import make_tiny_checkpoint
 
 from medunet.inference import Predictor
 from medunet.inference import predictor as predictor_module
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
