@@ -282,15 +282,9 @@ def _run_export(args: argparse.Namespace) -> int:
         if args.format != "openvino":
             print("medunet export: error: --int8 needs --format openvino", file=sys.stderr)
             return EXIT_USAGE
-        from medunet.inference.export import calibration_windows, probe_inputs
-        from medunet.io import read_image
+        from medunet.inference.export import calibration_from_images
 
-        images = []
-        for path in args.int8:
-            image = read_image(path)
-            images.append(predictor.preprocess(predictor._to_channels_first(image), image.affine)[0])
-        window = probe_inputs(predictor.network, plan.patch_size, plan.in_channels)[0].shape[2:]
-        calibration = calibration_windows(images, window)
+        calibration = calibration_from_images(predictor, args.int8)
     tolerance = args.tolerance if args.tolerance is not None else (0.02 if args.int8 else 1e-3)
     result = export_model(predictor.network, args.format, args.output, plan.patch_size, plan.in_channels,
                           tolerance=tolerance, calibration=calibration)

@@ -47,20 +47,24 @@ import argparse
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
-from torch.utils.flop_counter import FlopCounterMode
 
 from medunet.data import Plan
 from medunet.data.phantoms import generate_case
 from medunet.inference import PlanGrid, Predictor
+from medunet.inference.benchmark import (
+    PeakRSS,
+    ShiftedGridInferer,
+    child_peak_rss,
+    conv3d_roofline,
+    forward_flops,
+)
 from medunet.inference.bundle import resolve_plan
 from medunet.inference.predictor import cpu_has_native_bf16
 from medunet.io import ImageData, load_checkpoint, read_image, write_nifti
@@ -75,81 +79,6 @@ BENCH_CASE = 1000  # phantom index of the benchmark volume (training uses 0…n-
 
 
 # --------------------------------------------------------------------------------------------------
-class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 20 ms), in MiB."""
-
-    def __enter__(self):
-        self.start = self.peak = _rss_mib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _rss_mib())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss_mib())
-
-    @property
-    def increase(self) -> float:
-        return self.peak - self.start
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def conv3d_roofline(dtype=torch.float32, channels=32, size=64, repeats=3) -> float:
-    """Best GFLOP/s of a 3×3×3 conv3d (``channels``→``channels``, ``size``³) on this CPU."""
-    conv = torch.nn.Conv3d(channels, channels, 3, padding=1).eval()
-    x = torch.randn(1, channels, size, size, size)
-    flops = 2.0 * channels * channels * 27 * size**3
-    best = float("inf")
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        conv(x)
-        for _ in range(repeats):
-            t = time.perf_counter()
-            conv(x)
-            best = min(best, time.perf_counter() - t)
-    return flops / best / 1e9
-
-
-def forward_flops(network: torch.nn.Module, shape) -> float:
-    """FLOPs of one forward pass on a ``(1, 1, *shape)`` input."""
-    counter = FlopCounterMode(display=False)
-    with torch.inference_mode(), counter:
-        network(torch.zeros(1, 1, *shape))
-    return float(counter.get_total_flops())
-
-
-# --------------------------------------------------------------------------------------------------
-class ShiftedGridInferer:
-    """The baseline's tiling with its window grid moved by ``shift`` voxels along every axis.
-
-    The input ``(B, C, *S)`` is padded in front by ``shift`` voxels of its minimum (air after CT
-    normalisation), tiled by ``inner``, and the output cropped back to ``S``. Comparing its labels with
-    the unshifted baseline's measures how much the network's labels depend on where the window borders
-    fall: the agreement any different tiling can expect against the baseline.
-    """
-
-    def __init__(self, inner, shift: int) -> None:
-        self.inner, self.shift = inner, int(shift)
-
-    def __call__(self, x: torch.Tensor, network) -> torch.Tensor:
-        s = self.shift
-        padded = torch.nn.functional.pad(x, (s, 0) * (x.dim() - 2), mode="constant", value=float(x.min()))
-        out = self.inner(padded, network)
-        return out[(Ellipsis, *[slice(s, None)] * (x.dim() - 2))]
-
-
 def bench_plan(spacing) -> Plan:
     """The bundle's plan (network, labels, normalisation) with a spacing giving ~256×256×160 voxels."""
     plan = Plan.load(BUNDLE_PLAN)
@@ -236,20 +165,6 @@ def phantom_case(args, workdir: Path, log) -> tuple[Path, ImageData, np.ndarray,
     return ckpt, image, np.asarray(case.label), resolve_plan(None, ckpt)
 
 
-def _child_peak_rss(command: list[str]) -> tuple[float, float]:
-    """Run ``command``; ``(its peak RSS in MiB, seconds)``.
-
-    Measured by GNU ``time`` around it: Linux carries a process's peak-RSS record over ``fork`` and
-    ``exec``, so a child started straight from this (large) process would report this process's RSS.
-    """
-    t = time.perf_counter()
-    run = subprocess.run(["/usr/bin/time", "-f", "maxrss_kib=%M", *command], check=True, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    seconds = time.perf_counter() - t
-    kib = [line.split("=", 1)[1] for line in run.stderr.splitlines() if line.startswith("maxrss_kib=")]
-    return float(kib[-1]) / 1024.0, seconds
-
-
 def memory_row(shape: tuple[int, ...], workdir: Path, checkpoint: Path, log) -> None:
     """Peak RSS of ``medunet segment`` (its own process, the user's command) on a stored CT phantom of
     ``shape`` with the shipped bundles/ct plan, against 2 × (input + output + model). The same command
@@ -271,7 +186,7 @@ def memory_row(shape: tuple[int, ...], workdir: Path, checkpoint: Path, log) -> 
         out = workdir / f"memory_out_{name}"
         command = [sys.executable, "-m", "medunet.cli", "segment", "-i", str(path), "-o", str(out), "--bundle",
                    str(bundle), *weights, "--overwrite", "--no-progress"]
-        peaks[name] = _child_peak_rss(command)
+        peaks[name] = child_peak_rss(command)
     voxels = int(np.prod(shape))
     stored_mib, float_mib, out_mib = voxels * 2 / 2**20, voxels * 4 / 2**20, voxels / 2**20
     bound = 2 * (float_mib + out_mib + model_mib)
@@ -448,17 +363,12 @@ def main() -> None:
     rows = []
     def int8_predictor(**kw) -> Predictor:
         """Quantise (NNCF) with windows of the training phantoms, then load the int8 file."""
-        from medunet.inference.export import calibration_windows, export_model, probe_inputs
-        from medunet.io import read_image
+        from medunet.inference.export import calibration_from_images, export_model
 
         fp = make(cpu_bf16=False)
-        images = []
-        for f in sorted(calibration_dir.glob("*.nii.gz"))[:4]:
-            im = read_image(f)
-            images.append(fp.preprocess(fp._to_channels_first(im), im.affine)[0])
-        window = probe_inputs(fp.network, plan.patch_size, plan.in_channels)[0].shape[2:]
+        images = sorted(calibration_dir.glob("*.nii.gz"))[:4]
         result = export_model(fp.network, "openvino", workdir / "model_int8.xml", plan.patch_size, plan.in_channels,
-                              tolerance=1.0, calibration=calibration_windows(images, window))
+                              tolerance=1.0, calibration=calibration_from_images(fp, images))
         log(f"    int8: calibrated on {len(images)} images of {calibration_dir}; label change on calibration windows "
             f"{result['label_change']:.3%}, max |logit difference| {result['max_abs_diff']:.3g}")
         return make(model_file=result["files"][-1], **kw)

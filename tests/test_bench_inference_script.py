@@ -1,5 +1,6 @@
-"""The inference benchmark's own measuring pieces (scripts/bench_inference.py): the shifted-grid reference
-inferer and the agreement measures. The benchmark itself is a long script run by hand, not in CI."""
+"""The inference benchmark's measuring pieces: the shifted-grid reference inferer
+(:mod:`medunet.inference.benchmark`) and the agreement measures as scripts/bench_inference.py imports them.
+The benchmark itself is a long script run by hand, not in CI."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from monai.inferers import SlidingWindowInferer
+
+from medunet.inference.benchmark import ShiftedGridInferer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_inference.py"
 
@@ -36,7 +39,7 @@ def test_shifted_grid_keeps_shape_and_is_exact_for_a_pointwise_network(bench, sh
     x = torch.randn(1, 1, 13, 11, 9)
     with torch.no_grad():
         plain = _tiler()(x, net)
-        shifted = bench.ShiftedGridInferer(_tiler(), shift)(x, net)
+        shifted = ShiftedGridInferer(_tiler(), shift)(x, net)
     assert shifted.shape == plain.shape == (1, 2, 13, 11, 9)
     # a 1×1×1 network has no receptive field, so moving the window borders changes nothing
     torch.testing.assert_close(shifted, plain, rtol=1e-5, atol=1e-5)
@@ -48,7 +51,7 @@ def test_shifted_grid_moves_the_border_effects_of_a_padded_network(bench):
     x = torch.randn(1, 1, 20, 20, 20)
     with torch.no_grad():
         plain = _tiler()(x, net)
-        shifted = bench.ShiftedGridInferer(_tiler(), 3)(x, net)
+        shifted = ShiftedGridInferer(_tiler(), 3)(x, net)
         whole = net(x)
     # zero padding at window borders makes tiled outputs depend on where the grid lies
     assert not torch.allclose(shifted, plain, atol=1e-4)

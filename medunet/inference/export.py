@@ -34,7 +34,8 @@ import torch
 from medunet.io.atomic import atomic_path
 
 __all__ = ["FORMATS", "BACKENDS", "export_model", "load_engine", "probe_inputs", "onnx_model", "Engine",
-           "OnnxRuntimeEngine", "OpenVINOEngine", "require", "calibration_windows", "quantize_openvino"]
+           "OnnxRuntimeEngine", "OpenVINOEngine", "require", "calibration_windows", "calibration_from_images",
+           "quantize_openvino"]
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "openvino": ".xml"}
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino")
@@ -270,6 +271,20 @@ def calibration_windows(images: Sequence[torch.Tensor], window: Sequence[int], c
         crop = x[(slice(None), *[slice(a, a + int(w)) for a, w in zip(starts, window)])]
         windows.append(np.ascontiguousarray(crop.unsqueeze(0).to(torch.float32).cpu().numpy()))
     return windows
+
+
+def calibration_from_images(predictor, paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
+    """:func:`calibration_windows` of image files, each read and preprocessed as ``predictor`` (a
+    :class:`~medunet.inference.Predictor`) does, at a window size its network accepts near the patch."""
+    from medunet.io import read_image
+
+    images = []
+    for path in paths:
+        image = read_image(path)
+        images.append(predictor.preprocess(predictor._to_channels_first(image), image.affine)[0])
+    plan = predictor.plan
+    window = probe_inputs(predictor.network, plan.patch_size, plan.in_channels)[0].shape[2:]
+    return calibration_windows(images, window)
 
 
 def quantize_openvino(model, windows: Sequence[np.ndarray]):
