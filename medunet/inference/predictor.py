@@ -496,12 +496,15 @@ class Predictor:
 
         reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medunet-read") if prefetch else None
         ahead: dict[int, Future] = {}
+        nxt = 0  # the next input the read-ahead considers
         try:
             for i, (path, rel) in enumerate(iterator):
                 folder = out_dir / rel
                 if reader is not None:  # read the next input that will be predicted while this one is
-                    nxt = next((j for j in range(i + 1, len(found)) if needs_reading(j)), None)
-                    if nxt is not None and nxt not in ahead:
+                    nxt = max(nxt, i + 1)  # each later input is looked at once, however many are done
+                    while nxt < len(found) and not needs_reading(nxt):
+                        nxt += 1
+                    if nxt < len(found) and nxt not in ahead:
                         ahead[nxt] = reader.submit(read_image, found[nxt][0])
                 try:
                     result = self._segment_one(path, folder, overwrite, save_probabilities, kind is not None,
