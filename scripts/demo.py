@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print("[3/5] evaluate the final weights on the held-out phantoms", flush=True)
     run_bundle_workflow(BUNDLE, "evaluate", overrides)
-    summary = json.loads((out / "ct" / "eval" / "evaluation" / "summary.json").read_text())
+    summary = json.loads((out / "ct" / "eval" / "evaluation" / "summary.json").read_text(encoding="utf-8"))
 
     print("[4/5] medunet segment one held-out volume", flush=True)
     test_images = sorted((out / "data" / "ct" / "imagesTs").glob("*.nii.gz"))
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = sorted(p for p in seg_dir.glob("*.nii.gz") if "probabilities" not in p.name)
 
     dice_by_class = {name: m["dice"]["mean"] for name, m in summary["classes"].items()}
-    marker = json.loads((out / "ct" / "eval" / "mlflow_run.json").read_text())
+    marker = json.loads((out / "ct" / "eval" / "mlflow_run.json").read_text(encoding="utf-8"))
     print(f"\n[5/5] done in {time.perf_counter() - t0:.0f} s (training {t_train:.0f} s)")
     print(f"  held-out mean Dice ({summary['n_cases']} phantoms): {summary['mean_dice']:.3f}   "
           + "  ".join(f"{k} {v:.3f}" for k, v in dice_by_class.items() if v is not None))

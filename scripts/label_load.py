@@ -77,7 +77,7 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
     """Resident memory of ``pid`` and its children (``VmRSS``), or of ``pid`` alone (``VmHWM``: its peak)."""
     def read(p: int) -> int:
         try:
-            text = Path(f"/proc/{p}/status").read_text()
+            text = Path(f"/proc/{p}/status").read_text(encoding="utf-8")
         except OSError:
             return 0
         m = re.search(rf"{field}:\s+(\d+) kB", text)
@@ -86,7 +86,7 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
     total = read(pid)
     if field == "VmRSS":
         children = Path(f"/proc/{pid}/task/{pid}/children")
-        for child in (children.read_text().split() if children.exists() else []):
+        for child in (children.read_text(encoding="utf-8").split() if children.exists() else []):
             total += read(int(child))
     return total / 1024
 

@@ -916,7 +916,7 @@ def inject_case(root: Path, name: str) -> Case:
     root = Path(root)
     cid = f"bad_{name}"
     case = make_case(name, root / "imagesTr" / f"{cid}.nii.gz", root / "labelsTr" / f"{cid}.nii.gz")
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta["training"].append({"image": f"./imagesTr/{case.path.name}", "label": f"./labelsTr/{cid}.nii.gz"})
     meta["numTraining"] = len(meta["training"])
     (root / "dataset.json").write_text(json.dumps(meta, indent=2))

@@ -48,11 +48,11 @@ def test_bundle_layout(bundle):
         assert user_path.is_symlink() and os.readlink(user_path) == f"configs/{name}", user_path
         assert user_path.resolve() == real.resolve()
     assert (root / "LICENSE").is_file() and (root / "configs" / "plan.json").is_file()
-    readme = (root / "docs" / "README.md").read_text()
+    readme = (root / "docs" / "README.md").read_text(encoding="utf-8")
     assert "| " in readme and "Dice" in readme, "docs/README.md needs a results table"
-    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    meta = json.loads((root / "configs" / "metadata.json").read_text(encoding="utf-8"))
     assert meta["name"] == bundle and meta["version"] in meta["changelog"]
-    train = json.loads((root / "configs" / "train.json").read_text())
+    train = json.loads((root / "configs" / "train.json").read_text(encoding="utf-8"))
     for key in ("bundle_root", "dataset_dir", "output_dir", "max_epochs", "val_interval", "learning_rate", "device",
                 "amp", "num_workers", "plan_file", "training", "run", "network_def", "network"):
         assert key in train, f"{bundle}/train.json lacks top-level {key!r}"
@@ -60,7 +60,7 @@ def test_bundle_layout(bundle):
     assert {"dataset", "handlers", "trainer"} <= set(train["train"]) and "data" in train["train"]["dataset"]
     assert train["train"]["trainer"]["max_epochs"] == "@max_epochs"
     assert "data" in train["validate"]["dataset"]
-    infer = json.loads((root / "configs" / "inference.json").read_text())
+    infer = json.loads((root / "configs" / "inference.json").read_text(encoding="utf-8"))
     for key in ("bundle_root", "device", "network_def", "output_dir"):
         assert key in infer, f"{bundle}/inference.json lacks {key!r}"
     tracked = subprocess.run(["git", "ls-files", "-s", f"bundles/{bundle}/train.json"], cwd=REPO_ROOT,
@@ -130,7 +130,7 @@ def test_train_evaluate_export_infer(bundle, tmp_path):
 
     # evaluate.json on top of train.json: per-case CSV, summary, overlays
     run_bundle(bundle, names=("train", "evaluate"), **tiny_overrides(bundle, run / "data", run))
-    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    summary = json.loads((out / "evaluation" / "summary.json").read_text(encoding="utf-8"))
     assert summary["n_cases"] == 1
     # validation scores in plan space, evaluation on the original files' grid: close, not equal
     assert summary["mean_dice"] == pytest.approx(float(history[0]["val_mean_dice"]), abs=0.15)

@@ -28,7 +28,7 @@ TINY_FEATURES = [4, 8, 16, 32, 64]
 
 def _three_slices(root: Path) -> Path:
     """An MSD folder of links to 3 real slices (nothing of the shared data is copied)."""
-    meta = json.loads((ISBI / "dataset.json").read_text())
+    meta = json.loads((ISBI / "dataset.json").read_text(encoding="utf-8"))
     items = meta["training"][:3]
     for item in items:
         for key in ("image", "label"):
@@ -48,7 +48,7 @@ def test_few_iterations_on_three_real_slices(tmp_path):
     overrides = tiny_overrides("cells2d", data, run, replan=True, network_features=TINY_FEATURES, n_folds=3,
                                plan_overrides={}, epoch_length=2, cpu_bf16=False)
     run_bundle("cells2d", **overrides)
-    plan = json.loads((run / "models" / "plan.json").read_text())
+    plan = json.loads((run / "models" / "plan.json").read_text(encoding="utf-8"))
     assert plan["spatial_dims"] == 2 and plan["labels"] == {"membrane": 0, "cell": 1}
     assert plan["network"]["name"] == "unet2015" and plan["network"]["padding"] == "valid"
     assert plan["network"]["features"] == TINY_FEATURES and plan["batch_size"] == 1
@@ -56,11 +56,11 @@ def test_few_iterations_on_three_real_slices(tmp_path):
     assert len(history) == 1 and 0.0 <= float(history[0]["val_mean_dice"]) <= 1.0
 
     run_bundle("cells2d", names=("train", "evaluate"), **overrides)
-    summary = json.loads((run / "eval" / "evaluation" / "summary.json").read_text())
+    summary = json.loads((run / "eval" / "evaluation" / "summary.json").read_text(encoding="utf-8"))
     assert summary["n_cases"] == 1 and not summary["failed"]
     for name in ("pixel_error", "rand_error", "warping_error"):
         assert 0.0 <= summary["case_metrics"][name]["mean"] <= 1.0
-    header = (run / "eval" / "evaluation" / "metrics.csv").read_text().splitlines()[0]
+    header = (run / "eval" / "evaluation" / "metrics.csv").read_text(encoding="utf-8").splitlines()[0]
     assert "pixel_error" in header and "rand_error" in header and "dice_cell" in header
 
 

@@ -41,7 +41,7 @@ def _save(array, affine, path: Path, header=None) -> Path:
 
 
 def _edit_json(root: Path, change: Callable[[dict], None]) -> Path:
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     change(meta)
     (root / "dataset.json").write_text(json.dumps(meta))
     return root / "dataset.json"

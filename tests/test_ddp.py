@@ -80,7 +80,7 @@ def _listening(pids: set[int]) -> list[str]:
     for table in ("tcp", "tcp6"):
         path = Path("/proc/net") / table
         if path.exists():
-            for line in path.read_text().splitlines()[1:]:
+            for line in path.read_text(encoding="utf-8").splitlines()[1:]:
                 cols = line.split()
                 if cols[3] == "0A" and cols[9] in inodes:
                     found.append(cols[1].rsplit(":", 1)[0])
@@ -99,7 +99,7 @@ def _descendants(root: int) -> set[int]:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                stat = (entry / "stat").read_text()
+                stat = (entry / "stat").read_text(encoding="utf-8")
                 parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue

@@ -115,7 +115,7 @@ def test_import_rtstruct_patient(tmp_path, oblique):
     ds.write_rtstruct(tmp_path / "pat01" / "RT" / "structures.dcm", series, _rois(series))
     result = import_dicom(tmp_path / "pat01", tmp_path / "out", "gtv,LIVER=liver")
     assert result.ok == ["pat01"] and not result.failed
-    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text(encoding="utf-8"))
     assert meta["labels"] == {"0": "background", "1": "GTV", "2": "liver"} and meta["modality"] == {"0": "CT"}
     assert meta["training"] == [{"image": "./imagesTr/pat01.nii.gz", "label": "./labelsTr/pat01.nii.gz"}]
     label = nib.load(str(tmp_path / "out" / "labelsTr" / "pat01.nii.gz"))
@@ -171,7 +171,7 @@ def test_folder_of_patients_cli(tmp_path, capsys):
     code = main(["import-dicom", str(tmp_path / "src"), str(tmp_path / "out"), "--roi", "gtv_mass=tumour"])
     out = capsys.readouterr().out
     assert code == EXIT_OK and "2/2 patient(s) imported" in out
-    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text(encoding="utf-8"))
     assert meta["labels"] == {"0": "background", "1": "tumour"} and meta["numTraining"] == 2
     lab = np.asarray(nib.load(str(tmp_path / "out" / "labelsTr" / "pat_b.nii.gz")).dataobj)
     assert lab.sum() == 25 and lab[5:10, 5:10, 3].all()
@@ -281,7 +281,7 @@ def test_bad_dicom_each_one_line_and_the_batch_goes_on(tmp_path, capsys):
     # nothing half-written: only the good cases, no temporary files
     assert sorted(p.name for p in (dst / "imagesTr").iterdir()) == ["aa_good.nii.gz", "zz_good.nii.gz"]
     assert sorted(p.name for p in (dst / "labelsTr").iterdir()) == ["aa_good.nii.gz", "zz_good.nii.gz"]
-    meta = json.loads((dst / "dataset.json").read_text())
+    meta = json.loads((dst / "dataset.json").read_text(encoding="utf-8"))
     assert [t["image"] for t in meta["training"]] == ["./imagesTr/aa_good.nii.gz", "./imagesTr/zz_good.nii.gz"]
     assert sorted(p.name for p in dst.iterdir()) == ["dataset.json", "imagesTr", "labelsTr"]
 
@@ -305,7 +305,7 @@ def test_reimport_keeps_earlier_cases_and_refuses_other_labels(tmp_path):
     _good(tmp_path / "two", "p2")
     assert import_dicom(tmp_path / "one", tmp_path / "out", "GTV").ok == ["p1"]
     assert import_dicom(tmp_path / "two", tmp_path / "out", "GTV").ok == ["p2"]
-    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text(encoding="utf-8"))
     assert meta["numTraining"] == 2
     result = import_dicom(tmp_path / "two", tmp_path / "out", "GTV=tumour")
     assert not result.ok and "differ from those of the dataset" in result.failed["p2"]

@@ -219,7 +219,7 @@ def test_cli_train_and_evaluate_a_bundle(tmp_path, capsys):
     assert main(["train", str(BUNDLES / "cells2d"), "--max-epochs", "1", *common]) == 0
     assert (tmp_path / "models" / "model.pt").exists()  # val_interval 5 > 1 epoch: final validation saved it
     assert main(["evaluate", str(BUNDLES / "cells2d"), *common]) == 0
-    assert json.loads((tmp_path / "eval" / "evaluation" / "summary.json").read_text())["n_cases"] == 1
+    assert json.loads((tmp_path / "eval" / "evaluation" / "summary.json").read_text(encoding="utf-8"))["n_cases"] == 1
     assert main(["train", str(tmp_path)]) == 1
     assert "not a bundle" in capsys.readouterr().err
 

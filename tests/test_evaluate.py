@@ -70,7 +70,7 @@ def test_perfect_and_shifted_predictions_and_the_report(tmp_path):
     assert shifted.rows[0]["hd95_liver"] == pytest.approx(1.6)
     rows = list(csv.DictReader(open(tmp_path / "report" / "metrics.csv")))
     assert len(rows) == 3 and float(rows[0]["dice_liver"]) == pytest.approx(expected[1]["dice"], abs=1e-5)
-    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text(encoding="utf-8"))
     assert summary["n_cases"] == 3 and summary["failed"] == []
     overlays = sorted(p.name for p in (tmp_path / "report" / "overlays").iterdir())
     assert len(overlays) == 4 and all(n.startswith(("best_", "worst_")) for n in overlays)
@@ -87,7 +87,7 @@ def test_a_bad_case_costs_one_line_and_the_others_are_scored(tmp_path):
     assert [r["case"] for r in result.rows] == ["case_0"]
     assert len(lines) == 2 and "missing_label.nii.gz" in lines[0] and "small_label.nii.gz" in lines[1]
     assert all("\n" not in line for line in lines)
-    assert json.loads((tmp_path / "report" / "summary.json").read_text())["failed"] == result.failures
+    assert json.loads((tmp_path / "report" / "summary.json").read_text(encoding="utf-8"))["failed"] == result.failures
 
 
 def test_evaluation_predicts_exactly_as_medunet_segment(tmp_path):
@@ -135,7 +135,7 @@ def test_bundle_evaluating_command_writes_the_report_and_the_mlflow_run(tmp_path
     proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = tmp_path / "eval" / "evaluation"
-    summary = json.loads((report / "summary.json").read_text())
+    summary = json.loads((report / "summary.json").read_text(encoding="utf-8"))
     rows = list(csv.DictReader(open(report / "metrics.csv")))
     assert summary["n_cases"] == len(rows) == 1 and summary["failed"] == []
     assert {"dice_liver", "hd95_liver", "surface_dice_liver"} <= set(rows[0])
@@ -170,7 +170,7 @@ def test_medunet_evaluate_with_tta(tmp_path, capsys):
                  str(tmp_path / "eval"), "--ckpt-dir", str(tmp_path / "models"), "--device", "cpu",
                  "--set", "mlflow=false", "--set", "tta=true", *[a for s in sets for a in ("--set", s)]])
     assert code == 0, capsys.readouterr().err[-2000:]
-    summary = json.loads((tmp_path / "eval" / "evaluation" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "eval" / "evaluation" / "summary.json").read_text(encoding="utf-8"))
     assert summary["n_cases"] == 1
     assert set(summary["classes"]) == set(Plan.load(tmp_path / "models" / "plan.json").label_names.values()) - {
         "background"}

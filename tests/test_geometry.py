@@ -100,6 +100,38 @@ def test_resample_grid_identity_and_half_voxel_shift():
     torch.testing.assert_close(out, (x[:, :, :-1] + x[:, :, 1:]) / 2)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_axis_aligned_resampling_equals_grid_sample(seed, monkeypatch):
+    """Reorientation + spacing maps go one axis at a time; the values are grid_sample's (trilinear or
+    nearest, border padding) up to float rounding, with and without a per-chunk reduction."""
+    import medunet.data.grid as grid_module
+    from medunet.inference.predictor import _argmax_label
+
+    rng = np.random.default_rng(seed)
+    d = 2 if seed % 3 == 0 else 3
+    src, dst = tuple(rng.integers(3, 24, d)), tuple(int(v) for v in rng.integers(3, 30, d))
+    index_map = np.eye(d + 1)
+    index_map[:d, :d] = 0
+    for j, axis in enumerate(rng.permutation(d)):
+        index_map[axis, j] = rng.uniform(0.3, 3.0) * rng.choice([-1, 1])
+        index_map[axis, d] = rng.uniform(-3, src[axis] + 3)  # partly outside: border padding
+    x = torch.randn(3, *src)
+    monkeypatch.setattr(grid_module, "_CHUNK_VOXELS", 64)  # several chunks
+    fast = {m: resample_grid(x, index_map, dst, m) for m in ("bilinear", "nearest")}
+    fast_label = resample_grid(x, index_map, dst, "bilinear", reduce=_argmax_label)
+    monkeypatch.setattr(grid_module, "_as_axis_aligned", lambda m: None)  # the grid_sample path
+    torch.testing.assert_close(fast["bilinear"], resample_grid(x, index_map, dst, "bilinear"), atol=1e-5, rtol=1e-5)
+    assert (fast["nearest"] != resample_grid(x, index_map, dst, "nearest")).float().mean() < 0.01  # .5 ties only
+    assert torch.equal(fast_label, fast["bilinear"].argmax(dim=0).to(torch.uint8))
+
+
+def test_argmax_label_ties_go_to_the_lower_class():
+    from medunet.inference.predictor import _argmax_label
+
+    probs = torch.tensor([[0.2, 0.5, 0.1], [0.5, 0.5, 0.3], [0.3, 0.0, 0.6]])
+    assert _argmax_label(probs).tolist() == probs.argmax(dim=0).tolist() == [1, 0, 2]
+
+
 def test_preprocessing_matches_val_transforms(tmp_path):
     transforms = pytest.importorskip("medunet.data.transforms")
     rng = np.random.default_rng(1)

@@ -34,7 +34,7 @@ def _env(repo_root: Path) -> dict:
 
 def five_case_dataset(source: Path, target: Path) -> Path:
     """An MSD folder of the first 5 cases of ``source``: links to its files (never copies), its labels."""
-    meta = json.loads((source / "dataset.json").read_text())
+    meta = json.loads((source / "dataset.json").read_text(encoding="utf-8"))
     cases = meta["training"][:5]
     for sub in ("imagesTr", "labelsTr"):
         (target / sub).mkdir(parents=True)
@@ -62,7 +62,7 @@ def test_pipeline_few_seconds_on_five_real_cases(hippocampus_dir, repo_root, tmp
     ckpt = Path(last.split("=", 1)[1])
     assert ckpt.is_file() and (ckpt.parent / "plan.json").is_file()
 
-    plan = json.loads((ckpt.parent / "plan.json").read_text())
+    plan = json.loads((ckpt.parent / "plan.json").read_text(encoding="utf-8"))
     assert plan["labels"] == {"background": 0, "anterior": 1, "posterior": 2}
     assert plan["normalization"]["scheme"] == "zscore" and plan["target_spacing"] == [1.0, 1.0, 1.0]
     assert plan["network"]["deep_supervision"] is True and plan["network"]["res_block"] is True
@@ -79,19 +79,19 @@ def test_pipeline_few_seconds_on_five_real_cases(hippocampus_dir, repo_root, tmp
 
     # medunet evaluate: the 1 held-out case (every 5th) scored with Dice and HD95 per class
     evaluation = out / "eval" / "evaluation"
-    summary = json.loads((evaluation / "summary.json").read_text())
+    summary = json.loads((evaluation / "summary.json").read_text(encoding="utf-8"))
     assert summary["n_cases"] == 1
     rows = list(csv.DictReader(open(evaluation / "metrics.csv")))
-    held_out = Path(json.loads((data / "dataset.json").read_text())["training"][4]["image"]).name.split(".")[0]
+    held_out = Path(json.loads((data / "dataset.json").read_text(encoding="utf-8"))["training"][4]["image"]).name.split(".")[0]
     assert len(rows) == 1 and held_out in json.dumps(rows[0])
     for name in ("anterior", "posterior"):
         dice, hd95 = float(rows[0][f"dice_{name}"]), float(rows[0][f"hd95_{name}"])
         assert 0.0 <= dice <= 1.0 and (math.isnan(hd95) or hd95 >= 0)
-    table = (evaluation / "results.md").read_text()
+    table = (evaluation / "results.md").read_text(encoding="utf-8")
     assert "| anterior |" in table and "| posterior |" in table and "HD95" in table
 
     # the checkpoint is what `medunet segment --bundle bundles/mri` loads
-    val_image = (data / json.loads((data / "dataset.json").read_text())["training"][4]["image"]).resolve()
+    val_image = (data / json.loads((data / "dataset.json").read_text(encoding="utf-8"))["training"][4]["image"]).resolve()
     seg_out = tmp_path / "seg"
     medunet = [sys.executable, "-c", "import sys; from medunet.cli import main; sys.exit(main())"]
     proc = subprocess.run(medunet + ["segment", "--bundle", str(repo_root / "bundles" / "mri"), "--checkpoint",

@@ -157,13 +157,13 @@ def test_inference_and_evaluate_configs_are_thin_callers_of_the_predictor(bundle
     import re
 
     configs = REPO / "bundles" / bundle / "configs"
-    infer = json.loads((configs / "inference.json").read_text())
+    infer = json.loads((configs / "inference.json").read_text(encoding="utf-8"))
     for key in ("bundle_root", "ckpt_dir", "input_dir", "output_dir", "device", "tta", "network_def", "predictor",
                 "inferring"):
         assert key in infer, f"{bundle}/inference.json lacks {key!r}"
     assert "Predictor" in json.dumps(infer["predictor"])
-    evaluate_text = (configs / "evaluate.json").read_text()
-    for text in ((configs / "inference.json").read_text(), evaluate_text):
+    evaluate_text = (configs / "evaluate.json").read_text(encoding="utf-8")
+    for text in ((configs / "inference.json").read_text(encoding="utf-8"), evaluate_text):
         assert not re.search(r"Invertd|SaveImaged|SupervisedEvaluator|CheckpointLoader", text)
     evaluate = json.loads(evaluate_text)
     used = set(re.findall(r"@([A-Za-z_][A-Za-z0-9_#]*)", evaluate_text))

@@ -33,7 +33,7 @@ class _StandInBundleInferTask:
     def __init__(self, path: str, conf: dict):
         self.bundle_path = path
         self.output_label_key = "pred"
-        meta = json.loads((Path(path) / "configs" / "metadata.json").read_text())
+        meta = json.loads((Path(path) / "configs" / "metadata.json").read_text(encoding="utf-8"))
         channels = next(iter(meta["network_data_format"]["outputs"].values()))["channel_def"]
         self.labels = {v.lower(): int(k) for k, v in channels.items() if v.lower() != "background"}
 

@@ -40,7 +40,7 @@ def test_default_bundles_are_the_3d_ones(tmp_path, monkeypatch):
     ct = make_ct_bundle(tmp_path / "bundles")
     flat = make_ct_bundle(tmp_path / "bundles", name="cells2d")
     meta_file = flat / "configs" / "metadata.json"
-    meta = json.loads(meta_file.read_text())
+    meta = json.loads(meta_file.read_text(encoding="utf-8"))
     meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = [96, 96]
     meta_file.write_text(json.dumps(meta))
     monkeypatch.setattr(launch, "REPO_ROOT", tmp_path)
@@ -77,7 +77,7 @@ def test_prepare_app_weights_random_then_checkpoint_then_fine_tuned(tmp_path):
     model = work / "app" / "model" / "ct" / "models" / "model.pt"
     assert setup.untrained and setup.labels == {"liver": 1, "kidney": 2, "spleen": 3}
     assert launch.weights_status(setup.path) == "random-init"
-    assert "MedunetLabelApp" in (work / "app" / "main.py").read_text()
+    assert "MedunetLabelApp" in (work / "app" / "main.py").read_text(encoding="utf-8")
     assert (work / "run").is_dir() and not list((work / "run").iterdir())  # empty CWD: no .env
     assert not (setup.path / "models" / "plan.json").exists()
     first = torch.load(model, weights_only=True)
@@ -90,7 +90,7 @@ def test_prepare_app_weights_random_then_checkpoint_then_fine_tuned(tmp_path):
     ckpt_dir = tmp_path / "run1"
     ckpt_dir.mkdir()
     torch.save({"model": trained, "epoch": 3}, ckpt_dir / "best.pt")
-    (ckpt_dir / "plan.json").write_text((bundle / "plan.json").read_text())
+    (ckpt_dir / "plan.json").write_text((bundle / "plan.json").read_text(encoding="utf-8"))
     (setup,) = launch.prepare_app(work, [bundle], {"ct": ckpt_dir / "best.pt"})
     assert setup.weights == "checkpoint" and not setup.untrained
     assert launch.weights_status(setup.path) == "checkpoint"
@@ -103,7 +103,7 @@ def test_prepare_app_weights_random_then_checkpoint_then_fine_tuned(tmp_path):
     assert launch.weights_status(setup.path) == "fine-tuned"
     (setup,) = launch.prepare_app(work, [bundle])
     assert setup.weights == "fine-tuned"
-    record = json.loads((setup.path / "models" / launch.WEIGHTS_RECORD).read_text())
+    record = json.loads((setup.path / "models" / launch.WEIGHTS_RECORD).read_text(encoding="utf-8"))
     assert record["weights"] == "fine-tuned"
 
 
@@ -149,7 +149,7 @@ def _trained_copy(tmp_path):
     ckpt = tmp_path / "run1" / "best.pt"
     ckpt.parent.mkdir()
     torch.save({"model": trained}, ckpt)
-    (ckpt.parent / "plan.json").write_text((bundle / "plan.json").read_text())
+    (ckpt.parent / "plan.json").write_text((bundle / "plan.json").read_text(encoding="utf-8"))
     (setup,) = launch.prepare_app(work, [bundle], {"ct": ckpt})
     tuned = {k: torch.full_like(v, 0.25) if v.is_floating_point() else v for k, v in first.items()}
     torch.save(tuned, setup.path / "models" / "model.pt")  # what MONAI Label training writes
@@ -162,7 +162,7 @@ def test_restart_with_the_same_checkpoint_keeps_the_fine_tuned_weights(tmp_path)
     assert setup.weights == "fine-tuned"
     served = torch.load(setup.path / "models" / "model.pt", weights_only=True)
     assert all(torch.equal(served[k], tuned[k]) for k in served)
-    record = json.loads((setup.path / "models" / launch.WEIGHTS_RECORD).read_text())
+    record = json.loads((setup.path / "models" / launch.WEIGHTS_RECORD).read_text(encoding="utf-8"))
     assert record["started_with"]["weights"] == "checkpoint"
     # a changed checkpoint file is new weights: it replaces the fine-tuned ones
     torch.save({"model": trained, "epoch": 9}, ckpt)

@@ -167,7 +167,7 @@ class Server:
 
     def peak_rss_mib(self) -> float:
         """Peak resident memory of the server process so far (``VmHWM``)."""
-        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        status = Path(f"/proc/{self.proc.pid}/status").read_text(encoding="utf-8")
         return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024
 
     def log_tail(self, n: int = 60) -> str:
@@ -295,7 +295,7 @@ def test_info_lists_medunet_models_with_labels(server):
     info = server.client("print(json.dumps(c.info()))")
     for name in server.models:
         assert name in info["models"], f"{name} missing from /info/: {list(info['models'])}"
-        meta = json.loads((REPO / "bundles" / name / "configs" / "metadata.json").read_text())
+        meta = json.loads((REPO / "bundles" / name / "configs" / "metadata.json").read_text(encoding="utf-8"))
         labels = info["models"][name]["labels"]
         channel_def = next(iter(meta["network_data_format"]["outputs"].values()))["channel_def"]
         assert labels == {v.lower(): int(k) for k, v in channel_def.items() if v.lower() != "background"}

@@ -95,7 +95,7 @@ def test_write_report_csv_summary_overlays(tmp_path):
         table = list(csv.DictReader(fh))
     assert [r["case"] for r in table] == ["c0", "c1", "c2", "c3"]
     assert float(table[0]["dice_liver"]) == pytest.approx(1.0)
-    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    on_disk = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert on_disk["n_cases"] == 4 and on_disk["best_cases"][0] == "c0" and on_disk["worst_cases"][0] == "c3"
     assert on_disk["classes"]["liver"]["dice"]["mean"] == pytest.approx(np.mean([float(r["dice_liver"]) for r in table]))
     assert summary["mean_dice"] == pytest.approx(np.mean([r["mean_dice"] for r in rows]))

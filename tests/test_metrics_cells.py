@@ -120,9 +120,9 @@ def test_cell_metrics_names_and_report(tmp_path):
     assert summary["case_metrics"]["pixel_error"]["mean"] == pytest.approx(0.1)
     assert summary["case_metrics"]["rand_error"]["n"] == 2
     written = write_report(rows, {0: "membrane", 1: "cell"}, tmp_path)
-    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    header = (tmp_path / "metrics.csv").read_text(encoding="utf-8").splitlines()[0].split(",")
     assert header[:4] == ["case", "mean_dice", "pixel_error", "rand_error"]
-    assert "rand error" in (tmp_path / "results.md").read_text()
-    assert json.loads((tmp_path / "summary.json").read_text())["case_metrics"] == written["case_metrics"]
+    assert "rand error" in (tmp_path / "results.md").read_text(encoding="utf-8")
+    assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["case_metrics"] == written["case_metrics"]
     # without cell measures there are no case measures in the summary
     assert summarize([{"case": "c", "mean_dice": 1.0}], {0: "bg", 1: "fg"})["case_metrics"] == {}

@@ -39,7 +39,7 @@ def mlflow_server(tmp_path):
         deadline = time.monotonic() + 120
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+                pytest.fail(f"mlflow server exited with {proc.returncode}:\n{(tmp_path / 'server.log').read_text(encoding="utf-8")[-3000:]}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=2) as r:
                     if r.status == 200:
@@ -48,7 +48,7 @@ def mlflow_server(tmp_path):
                 pass
             if time.monotonic() > deadline:
                 pytest.fail("mlflow server did not answer /health within 120 s:\n"
-                            + (tmp_path / "server.log").read_text()[-3000:])
+                            + (tmp_path / "server.log").read_text(encoding="utf-8")[-3000:])
             time.sleep(0.5)
         yield url, tmp_path
     finally:

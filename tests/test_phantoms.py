@@ -36,7 +36,7 @@ def _visible_border(image: np.ndarray, mask: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------------
 def test_ct_dataset_layout_json_and_determinism(tmp_path):
     root = generate_dataset("ct", tmp_path / "a", cases=2, seed=3, size="small", test_cases=1)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     assert meta["modality"] == {"0": "CT"}
     assert meta["labels"] == {"0": "background", "1": "liver", "2": "kidney", "3": "spleen"}
     assert meta["numTraining"] == 2 and meta["numTest"] == 1 and meta["tensorImageSize"] == "3D"
@@ -142,7 +142,7 @@ def test_cells_touch_with_gaps_and_instances(tmp_path):
     assert near >= len(ids) // 3, (near, len(ids))
 
     root = generate_dataset("cells", tmp_path / "png", cases=1, size="small", fmt="png", test_cases=0)
-    entry = json.loads((root / "dataset.json").read_text())["training"][0]
+    entry = json.loads((root / "dataset.json").read_text(encoding="utf-8"))["training"][0]
     assert entry["instance"] == "./instancesTr/cells_000.png"
     img = read_image(root / entry["image"])
     np.testing.assert_array_equal(img.array, generate_case("cells", 0, size="small").image)
@@ -219,5 +219,5 @@ def test_cli_phantoms(tmp_path, capsys):
                  "--seed", "1"]) == 0
     text = capsys.readouterr().out
     assert "mri_000" in text and " s per case" in text and str(out) in text
-    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 2
+    assert json.loads((out / "dataset.json").read_text(encoding="utf-8"))["numTraining"] == 2
     assert main(["phantoms", "--kind", "ct", "--cases", "1", "--out", str(tmp_path / "c"), "--size", "4x"]) == 2

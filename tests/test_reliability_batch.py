@@ -335,7 +335,7 @@ def test_output_folder_is_a_file(tmp_path, tiny_checkpoint, predictions):
         lines = _lines_naming(res, "a.nii.gz")
         assert len(lines) == 1 and str(out) in lines[0] and words in lines[0], res.stderr
     assert predictions == [], "predicted although the output could not be written"
-    assert (tmp_path / "taken").read_text() == "a file"
+    assert (tmp_path / "taken").read_text(encoding="utf-8") == "a file"
 
 
 def test_output_file_that_is_a_folder_fails_that_input_alone(tmp_path, tiny_checkpoint, predictions):

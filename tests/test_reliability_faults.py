@@ -238,11 +238,11 @@ def test_training_sigkill_mid_epoch_resumes_to_the_same_result(ct_phantoms, tmp_
         deadline = time.monotonic() + 300
         while not latest.exists() and b.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert latest.exists(), (tmp_path / "b.log").read_text()[-3000:]
+        assert latest.exists(), (tmp_path / "b.log").read_text(encoding="utf-8")[-3000:]
         time.sleep(0.3)  # into epoch 2's iterations
         b.send_signal(signal.SIGKILL)
         b.wait(60)
-        assert a.wait(400) == 0, (tmp_path / "a.log").read_text()[-3000:]
+        assert a.wait(400) == 0, (tmp_path / "a.log").read_text(encoding="utf-8")[-3000:]
     finally:
         for p in (a, b):
             if p.poll() is None:

@@ -300,7 +300,7 @@ def dataset_runs():
             text = outs[i] + errs[i]
             code = int(text.split("@@EXIT ")[1].split()[0])
             runs[cmd] = (code, text)
-        plan_text = (base / "plan.json").read_text() if (base / "plan.json").exists() else None
+        plan_text = (base / "plan.json").read_text(encoding="utf-8") if (base / "plan.json").exists() else None
         yield cases, runs, plan_text, res
     finally:
         shutil.rmtree(base, ignore_errors=True)
@@ -453,7 +453,7 @@ def test_check_dataset_multimodal_channel_count(tmp_path):
     """dataset.json declares T1 and T2 (MSD 4D layout); one case has only one channel."""
     root = tmp_path / "mm"
     hostile.write_dataset(root, good=0)
-    meta = json.loads((root / "dataset.json").read_text())
+    meta = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     meta["modality"] = {"0": "T1", "1": "T2"}
     image, label = hostile._phantom(hostile.GOOD_SHAPE)
     for cid, channels in (("two_000", 2), ("two_001", 2), ("one_002", 1)):

@@ -112,7 +112,7 @@ def test_output_subfolder_problems_are_found_before_predicting(tmp_path, tiny_ch
     assert len(blocked) == 1 and f"output folder {out / 'p01'}" in blocked[0] and "is a file" in blocked[0]
     assert len(_lines(res, str(patients / "p02" / "image.nii.gz"))) == 1, res.stderr
     assert predictions == [str(good)]  # p01 never predicted; p02 never got past reading
-    assert (out / "p01").read_text() == "in the way" and not (out / "p02").exists()
+    assert (out / "p01").read_text(encoding="utf-8") == "in the way" and not (out / "p02").exists()
     assert _files(out) == ["p01", "p03/image_seg.nii.gz"]
     assert_nothing_partial(out)
 

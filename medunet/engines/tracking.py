@@ -144,7 +144,7 @@ class MLflowTracker:
         resumed = self.resume_run and engine.state.epoch > 0 and marker.exists()
         if resumed:
             try:
-                saved = json.loads(marker.read_text())
+                saved = json.loads(marker.read_text(encoding="utf-8"))
                 if saved.get("tracking_uri") == self.tracking_uri:
                     client.get_run(saved["run_id"])
                     self.run_id = saved["run_id"]

@@ -43,7 +43,7 @@ def locate_bundle(name: str) -> str:
     meta = cwd / "configs" / "metadata.json"
     if meta.is_file():
         try:
-            if json.loads(meta.read_text()).get("name") == name:
+            if json.loads(meta.read_text(encoding="utf-8")).get("name") == name:
                 return str(cwd)
         except json.JSONDecodeError:
             pass

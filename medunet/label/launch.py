@@ -135,7 +135,7 @@ def _configs_dir(bundle: Path) -> Path:
 def _input_dims(bundle: Path) -> int:
     """Spatial dims of the bundle's first input (``metadata.json``), as MONAI Label reads them (default 3)."""
     try:
-        meta = json.loads((_configs_dir(bundle) / "metadata.json").read_text())
+        meta = json.loads((_configs_dir(bundle) / "metadata.json").read_text(encoding="utf-8"))
         first = next(iter(meta["network_data_format"]["inputs"].values()))
         return len(first.get("spatial_shape") or [0, 0, 0])
     except (OSError, ValueError, KeyError, StopIteration):
@@ -192,7 +192,7 @@ def parse_checkpoints(values: Iterable[str] | None, names: Sequence[str]) -> dic
 
 def bundle_labels(bundle: Path) -> dict[str, int]:
     """Label name → value from ``metadata.json`` (first output's ``channel_def``), background excluded."""
-    meta = json.loads((_configs_dir(bundle) / "metadata.json").read_text())
+    meta = json.loads((_configs_dir(bundle) / "metadata.json").read_text(encoding="utf-8"))
     outputs = meta.get("network_data_format", {}).get("outputs", {})
     first = next(iter(outputs.values()), {}) if outputs else {}
     return {str(v): int(k) for k, v in first.get("channel_def", {}).items() if str(v).lower() != "background"}
@@ -219,7 +219,7 @@ def _file_stamp(path: Path) -> dict:
 
 def _read_record(bundle_copy: Path) -> dict:
     try:
-        return json.loads((bundle_copy / "models" / WEIGHTS_RECORD).read_text())
+        return json.loads((bundle_copy / "models" / WEIGHTS_RECORD).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
 

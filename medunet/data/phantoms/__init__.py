@@ -177,7 +177,7 @@ def _check_target(out: Path) -> None:
         raise FileExistsError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         try:
-            previous = json.loads((out / "dataset.json").read_text()).get("generator")
+            previous = json.loads((out / "dataset.json").read_text(encoding="utf-8")).get("generator")
         except (OSError, ValueError, AttributeError):
             previous = None
         if previous != GENERATOR_TAG:
