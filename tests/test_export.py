@@ -142,6 +142,74 @@ def test_openvino_bfloat16_stays_close_to_float32(net):
     assert float(np.abs(ours.probabilities - ref.probabilities).max()) < 0.05
 
 
+def test_network_fingerprint_follows_the_weights_and_buffers():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 3), torch.nn.BatchNorm3d(2)).eval()  # 0-dim buffer inside
+    example = torch.zeros(1, 1, 8, 8, 8)
+    key = export_module.network_fingerprint(net, example)
+    assert key == export_module.network_fingerprint(net, example)
+    with torch.no_grad():
+        net[1].running_mean += 1e-3
+    assert export_module.network_fingerprint(net, example) != key
+    assert export_module.network_fingerprint(net, torch.zeros(1, 2, 8, 8, 8)) != export_module.network_fingerprint(net, example)
+
+
+@needs("openvino")
+def test_auto_backend_sends_large_images_to_openvino_and_keeps_the_conversion(net, monkeypatch, tmp_path):
+    """backend="auto": an image below the window-voxel threshold runs on torch (nothing converted);
+    above it on OpenVINO with torch's probabilities; the converted network is kept in the cache folder
+    and read back by the next Predictor (no second conversion); a damaged cache file is converted again."""
+    import medunet.inference.predictor as predictor_module
+
+    monkeypatch.setenv("MEDUNET_CACHE_DIR", str(tmp_path / "cache"))
+    settings = {"device": "cpu", "roi_size": (16, 16, 8), "overlap": 0.5, "cpu_bf16": False}
+    ref = Predictor(net, _plan(), backend="torch", **settings).predict_image(_image())
+    small = Predictor(net, _plan(), **settings)  # backend="auto" is the default
+    pred = small.predict_image(_image())
+    assert pred.stats["backend"] == "torch" and small._auto_openvino is None
+    assert np.array_equal(pred.label, ref.label)
+
+    monkeypatch.setattr(predictor_module, "AUTO_OPENVINO_VOXELS", pred.stats["windows"] * 16 * 16 * 8)
+    large = Predictor(net, _plan(), **settings).predict_image(_image())
+    assert large.stats["backend"] == "openvino"
+    assert float(np.abs(large.probabilities - ref.probabilities).max()) <= 1e-4
+    assert np.array_equal(large.label, ref.label)
+    cached = sorted((export_module.model_cache_dir() / "openvino").glob("*/model.xml"))
+    assert len(cached) == 1 and cached[0].with_suffix(".bin").is_file()
+    assert not list((export_module.model_cache_dir() / "openvino").glob(".converting-*"))  # nothing left aside
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although the cache holds this network")
+
+    with monkeypatch.context() as m:
+        m.setattr(export_module, "openvino_model", no_conversion)
+        again = Predictor(net, _plan(), **settings).predict_image(_image())
+    assert again.stats["backend"] == "openvino" and np.array_equal(again.probabilities, large.probabilities)
+
+    cached[0].write_text("not an OpenVINO model", encoding="utf-8")
+    repaired = Predictor(net, _plan(), **settings).predict_image(_image())
+    assert repaired.stats["backend"] == "openvino" and np.array_equal(repaired.probabilities, large.probabilities)
+    assert "not an OpenVINO model" not in cached[0].read_text(encoding="utf-8", errors="replace")
+
+
+@needs("openvino")
+def test_auto_backend_falls_back_to_torch_when_openvino_cannot_convert(net, monkeypatch):
+    import medunet.inference.predictor as predictor_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operation")
+
+    monkeypatch.setattr(predictor_module, "AUTO_OPENVINO_VOXELS", 1)
+    monkeypatch.setattr(export_module, "cached_openvino_model", broken)
+    settings = {"device": "cpu", "roi_size": (16, 16, 8), "overlap": 0.5, "cpu_bf16": False}
+    predictor = Predictor(net, _plan(), **settings)
+    with pytest.warns(RuntimeWarning, match="OpenVINO could not convert.*unsupported operation"):
+        pred = predictor.predict_image(_image())
+    assert pred.stats["backend"] == "torch"
+    ref = Predictor(net, _plan(), backend="torch", **settings).predict_image(_image())
+    assert np.array_equal(pred.probabilities, ref.probabilities)
+
+
 @needs("onnx")
 def test_cli_export_then_segment_with_the_exported_file(net, tmp_path, capsys):
     ckpt = tmp_path / "model.pt"

@@ -370,3 +370,8 @@ def test_label_without_probabilities_equals_the_full_way_back(geometry, monkeypa
     blank = predictor.predict_image(ImageData(array=np.zeros((8, 8, 8), np.float32), affine=np.eye(4),
                                               path="blank.nii.gz"), probabilities=False)
     assert blank.probabilities is None and not blank.label.any()
+    # release_input (what segment asks for): the same label, and the image keeps its shape without its voxels
+    released = ImageData(array=arr.copy(), affine=affine, path="ct.nii.gz")
+    freed = predictor.predict_image(released, probabilities=False, release_input=True)
+    np.testing.assert_array_equal(freed.label, lean.label)
+    assert released.spatial_shape == arr.shape and released.array.strides == (0, 0, 0) and not released.array.any()

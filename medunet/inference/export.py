@@ -39,6 +39,7 @@ __all__ = ["FORMATS", "BACKENDS", "export_model", "load_engine", "probe_inputs",
 
 FORMATS = {"torchscript": ".pt", "onnx": ".onnx", "openvino": ".xml"}
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "openvino")
+# "auto" (the Predictor's default) picks between torch and openvino per image; see Predictor
 _EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "openvino": "openvino", "nncf": "int8"}
 
 
@@ -172,7 +173,7 @@ class OpenVINOEngine(Engine):
         if model is None:
             if example is None:
                 raise ValueError("converting a network to OpenVINO needs an example input")
-            model = openvino_model(network, example)
+            model = cached_openvino_model(network, example, self.core)
         elif isinstance(model, (str, os.PathLike)):
             model = self.core.read_model(os.fspath(model))
         self.model = model
@@ -204,6 +205,58 @@ def openvino_model(network: torch.nn.Module, example: torch.Tensor):
     shape = ov.PartialShape([-1, int(example.shape[1]), *([-1] * d)])
     with warnings_quiet(), torch.no_grad():
         return ov.convert_model(network.eval(), example_input=example, input=[shape])
+
+
+def model_cache_dir() -> Path:
+    """Where converted networks are kept between runs: ``$MEDUNET_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/medunet`` (``~/.cache/medunet``)."""
+    root = os.environ.get("MEDUNET_CACHE_DIR")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medunet"
+
+
+def network_fingerprint(network: torch.nn.Module, example: torch.Tensor) -> str:
+    """A hash of the network's class, weights and buffers and the example's channels and dimensions:
+    a converted file belongs to exactly these weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(f"{type(network).__module__}.{type(network).__qualname__}|{tuple(example.shape[1:2])}|"
+                  f"{example.dim()}".encode())
+    for name, tensor in network.state_dict().items():
+        digest.update(name.encode())
+        digest.update(str((tuple(tensor.shape), str(tensor.dtype))).encode())
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+def cached_openvino_model(network: torch.nn.Module, example: torch.Tensor, core=None):
+    """:func:`openvino_model`, kept as an OpenVINO IR (float32 weights, exactly the converted graph) in
+    :func:`model_cache_dir` ``/openvino/<fingerprint>/model.xml`` so the next process reads it instead
+    of tracing the network again. The folder appears whole (written aside, then renamed: processes
+    converting at once keep one); a cache that cannot be read or written is converted around."""
+    ov = require("openvino")
+    core = core or ov.Core()
+    folder = model_cache_dir() / "openvino"
+    target = folder / f"{network_fingerprint(network, example)}-ov{ov.__version__.split('-')[0]}"
+    if (target / "model.xml").is_file():
+        try:
+            return core.read_model(os.fspath(target / "model.xml"))
+        except Exception:  # a damaged or foreign file: convert again and replace it
+            shutil.rmtree(target, ignore_errors=True)
+    model = openvino_model(network, example)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(dir=folder, prefix=".converting-"))
+        try:
+            ov.save_model(model, os.fspath(staged / "model.xml"), compress_to_fp16=False)
+            os.rename(staged, target)  # fails when another process got there first: keep theirs
+        except OSError:
+            shutil.rmtree(staged, ignore_errors=True)
+    except OSError:
+        pass  # read-only home, full disk: run without the cache
+    return model
 
 
 class _TorchScriptEngine(Engine):

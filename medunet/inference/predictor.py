@@ -7,7 +7,8 @@ Pipeline for one image (``Predictor.predict_image``):
 2. :func:`medunet.data.preprocess.preprocess_tensor` (training's preprocessing, on the compute device):
    crop to the nonzero region, reorient to ``plan.orientation``, resample to ``plan.target_spacing``
    (MONAI's ``Orientation`` + ``Spacing``), ``normalize_intensity(x, plan.normalization)``;
-4. tiled inference (:class:`~medunet.inference.sliding.TiledInferer`), softmax, optional TTA;
+4. tiled inference (:class:`~medunet.inference.sliding.TiledInferer`; on the CPU, large images on
+   OpenVINO when it is installed: ``backend="auto"``), softmax, optional TTA;
 5. probabilities resampled linearly back to the input grid, then argmax → uint8 label;
 6. optional largest-connected-component cleaning per class.
 """
@@ -15,6 +16,7 @@ Pipeline for one image (``Predictor.predict_image``):
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import time
 import warnings
@@ -34,7 +36,7 @@ from medunet.inference.bundle import resolve_plan
 from medunet.inference.export import load_engine
 from medunet.inference.postprocess import keep_largest_component
 from medunet.inference.sliding import build_inferer
-from medunet.inference.tta import UNCERTAINTY_KINDS, entropy_map, predict_probabilities
+from medunet.inference.tta import UNCERTAINTY_KINDS, entropy_map, mirror_combinations, predict_probabilities
 from medunet.io import (
     ImageData,
     InputError,
@@ -50,8 +52,12 @@ from medunet.io import (
 from medunet.io.errors import os_error_words, printable
 from medunet.io.writable import output_file_problem, output_folder_problem
 
+# backend="auto": an image whose windows hold this many voxels in all goes to OpenVINO (converting
+# the network takes a few seconds; at about 1 µs per window voxel on torch, OpenVINO saves about half)
+AUTO_OPENVINO_VOXELS = 8_000_000
+
 __all__ = [
-    "Predictor", "Prediction", "SegmentResult", "collect_inputs", "scan_inputs", "scan_input_folders", "resolve_plan", "summary_table",
+    "AUTO_OPENVINO_VOXELS", "Predictor", "Prediction", "SegmentResult", "collect_inputs", "scan_inputs", "scan_input_folders", "resolve_plan", "summary_table",
     "resolve_device", "output_paths", "nonzero_box", "nonzero_box_affine", "body_box",
 ]
 
@@ -149,13 +155,25 @@ class Predictor:
             coarser grid, widened by ``body_margin`` plan voxels) and background outside it; False
             (default) predicts everywhere. See :func:`body_box`.
         body_hu, body_margin: threshold (HU) and margin (plan voxels per side) of ``body_crop``.
+        roi_first: ROI-first inference, as TotalSegmentator crops: another Predictor (a cheap
+            low-resolution model of the same classes, e.g. the ``ct`` bundle's 3 mm plan) segments the
+            image first; this Predictor then runs only inside the bounding box of what it found
+            (every foreground class together), widened by ``roi_margin_mm``, and background outside.
+            When the first pass finds nothing the whole image is predicted. None (default): off.
+        roi_margin_mm: margin (mm per side, in plan space) around the first pass's box.
         placement: where sliding windows go, ``"even"`` (default) or ``"monai"`` (MONAI's rule: with
             MONAI's roi, overlap and float32 the probabilities equal ``sliding_window_inference``'s);
             see :class:`~medunet.inference.sliding.TiledInferer`.
-        backend: what runs the network's windows: ``"torch"`` (default), ``"torch-compile"``
+        backend: what runs the network's windows: ``"auto"`` (default), ``"torch"``, ``"torch-compile"``
             (``torch.compile``: compiled at the first window, so it pays off over a folder), ``"onnxruntime"``
             or ``"openvino"`` (CPU only; the network converted at start-up, or ``model_file``; OpenVINO
             computes in bfloat16 when ``cpu_bf16`` is on). See :mod:`medunet.inference.export`.
+            ``"auto"``: on the CPU with OpenVINO installed, an image whose windows hold at least
+            :data:`AUTO_OPENVINO_VOXELS` voxels in all runs on OpenVINO (about twice torch's speed on a
+            CT-sized volume; the network is converted at the first such image and the converted file
+            kept in the cache folder, :func:`~medunet.inference.export.model_cache_dir`), anything
+            smaller on torch (where converting would cost more than it saves). The choice depends on
+            the image alone, so one image gets the same labels in a folder and on its own.
         model_file: an exported ``.onnx`` / OpenVINO ``.xml`` file of the same weights for ``backend``.
 
     Example:
@@ -183,8 +201,10 @@ class Predictor:
         body_crop: bool = False,
         body_hu: float = -500.0,
         body_margin: int = 16,
+        roi_first: Predictor | None = None,
+        roi_margin_mm: float = 10.0,
         placement: str = "even",
-        backend: str = "torch",
+        backend: str = "auto",
         model_file: str | os.PathLike | None = None,
     ) -> None:
         if uncertainty is not None and uncertainty not in UNCERTAINTY_KINDS:
@@ -204,17 +224,30 @@ class Predictor:
         self.body_crop = bool(body_crop) and plan.normalization.get("scheme") == "ct"
         self.body_hu = float(body_hu)
         self.body_margin = int(body_margin)
+        if roi_first is not None and roi_first.plan.out_channels != plan.out_channels:
+            raise ValueError(f"the ROI-first model predicts {roi_first.plan.out_channels} classes, this one "
+                             f"{plan.out_channels}: they must segment the same classes")
+        self.roi_first = roi_first
+        self.roi_margin_mm = float(roi_margin_mm)
         if cpu_bf16 == "auto":
             cpu_bf16 = cpu_has_native_bf16()
         self.inferer = build_inferer(self.network, plan, roi_size=roi_size, overlap=overlap, mode=mode,
                                      sw_batch_size=sw_batch_size, device=self.device, progress=progress,
                                      channels_last=channels_last, cpu_bf16=cpu_bf16, placement=placement)
-        if backend not in ("torch", "torch-compile") and self.device.type != "cpu":
+        if backend not in ("auto", "torch", "torch-compile") and self.device.type != "cpu":
             raise ValueError(f"backend {backend!r} runs on the CPU only (device {self.device}): use --device cpu")
+        if backend == "auto" and model_file is not None:
+            raise ValueError("a model file is for --backend onnxruntime or openvino")
         self.backend = backend
+        self.cpu_bf16 = bool(cpu_bf16)
         # what the inferer calls for each batch of windows: the eager network or an exported engine
-        self.engine = load_engine(backend, self.network, plan.patch_size, plan.in_channels, model_file,
-                                  bf16=bool(cpu_bf16))
+        # ("auto": torch until an image is large enough for OpenVINO, see _engine_for)
+        self.engine = load_engine("torch" if backend == "auto" else backend, self.network, plan.patch_size,
+                                  plan.in_channels, model_file, bf16=self.cpu_bf16)
+        self._auto_openvino = None
+        self._auto_possible = (backend == "auto" and self.device.type == "cpu"
+                               and importlib.util.find_spec("openvino") is not None)
+        self._active = self.engine
 
     # -- construction ----------------------------------------------------------------------------
     @classmethod
@@ -253,7 +286,7 @@ class Predictor:
         """Read (NIfTI, DICOM series folder, PNG/TIFF) and predict."""
         return self.predict_image(read_image(path))
 
-    def predict_image(self, image: ImageData, probabilities: bool = True) -> Prediction:
+    def predict_image(self, image: ImageData, probabilities: bool = True, release_input: bool = False) -> Prediction:
         """Predict one image; the label has the image's exact spatial shape and geometry.
 
         ``probabilities=False``: the label only (``Prediction.probabilities`` None, unless an
@@ -261,18 +294,29 @@ class Predictor:
         and takes the argmax a few planes at a time, so the ``K`` float32 maps of the input's size never
         exist — for a large CT the difference between about one input's size of memory and ``2K`` of
         them. The label is the same either way.
+
+        ``release_input=True`` (``segment`` writes only the label and geometry afterwards): the voxels
+        are let go once they are in plan space — ``image.array`` becomes a zero-memory stand-in of the
+        same shape and dtype — so the network runs without the input's size of memory held.
         """
         start = time.perf_counter()
         x = self._to_channels_first(image)
+        dims = tuple(range(1, x.dim()))
+        low, high = x.amin(dim=dims), x.amax(dim=dims)  # no copy of a large (strided) input
+        blank = bool((low == high).all())
+        low, high = float(low.min()), float(high.max())
         with torch.inference_mode():
-            if is_blank(x):  # one value everywhere (an empty or padding-only scan): nothing to segment
+            if blank:  # one value everywhere (an empty or padding-only scan): nothing to segment
                 probs, unc = self._blank_prediction(x, probabilities)
                 label = torch.zeros(x.shape[1:], dtype=torch.uint8)
             else:
+                if release_input:
+                    image.array = np.broadcast_to(np.zeros((), dtype=image.array.dtype), image.array.shape)
+                held = [x]  # _predict_array takes it out, so that it can drop the voxels when done with them
+                del x
                 try:
-                    probs, unc, label = self._predict_array(x, image.affine, probabilities)
+                    probs, unc, label = self._predict_array(held, image.affine, probabilities)
                 except _NotFinite:
-                    low, high = float(x.min()), float(x.max())
                     raise InputError(image.path, f"the network's output is not a number (NaN/Inf) for this image "
                                                  f"(intensities {low:.4g} to {high:.4g})") from None
             label = label.cpu().numpy()
@@ -309,23 +353,38 @@ class Predictor:
         self.inferer.last_stats.update(blank=True, windows=0)
         return probs, (torch.zeros(x.shape[1:], dtype=torch.float32) if self.uncertainty else None)
 
-    def _predict_array(self, x: torch.Tensor, affine: np.ndarray, probabilities: bool = True,
+    def _predict_array(self, x: torch.Tensor | list[torch.Tensor], affine: np.ndarray, probabilities: bool = True,
                        ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
         """``(C, *S)`` → probabilities ``(K, *S)`` (None when not asked for and no uncertainty is),
         uncertainty ``(*S)``/None and the uint8 label ``(*S)``, in the input grid.
+
+        ``x`` in a one-element list: taken out of it, and dropped once in plan space (the caller holds
+        no other reference when it wants the memory back).
 
         Preprocessing is training's (``medunet.data.transforms``): crop to the nonzero region, reorient,
         resample, normalise. Outside the cropped region the prediction is background with certainty.
         Raises ``_NotFinite`` when the network's output holds NaN/Inf.
         """
+        x = x.pop() if isinstance(x, list) else x
         x = x.to(self.device)
         d = x.dim() - 1
         t0 = time.perf_counter()
         xp, grid, box = self.preprocess(x, affine, normalize=False)
         body = body_box(xp, self.body_hu, self.body_margin) if self.body_crop else None
+        roi_s = None
+        if self.roi_first is not None:
+            t_roi = time.perf_counter()
+            roi = self._first_pass_box(x, affine, grid, box)
+            roi_s = time.perf_counter() - t_roi
+            if roi is not None:
+                body = roi if body is None else _intersect(body, roi)
+        in_shape = tuple(x.shape[1:])
+        del x  # everything below works in plan space, then writes into new input-sized arrays
         xp = normalize_intensity(xp, self.plan.normalization)
         t1 = time.perf_counter()
         slicewise = self.plan.spatial_dims == 2 and d == 3
+        self._active = self._engine_for(tuple(xp.shape[1:]) if body is None else
+                                        tuple(b.stop - b.start for b in body), slicewise)
         probs, variance = predict_probabilities(
             self._slicewise_logits if slicewise else self._logits,
             (xp if body is None else xp[(slice(None), *body)]).unsqueeze(0), tta=self.tta,
@@ -344,7 +403,7 @@ class Predictor:
         unc = None
         if probabilities or self.uncertainty is not None:
             back = grid.from_plan(stack, "bilinear")
-            full = torch.zeros((back.shape[0], *x.shape[1:]), dtype=back.dtype, device=back.device)
+            full = torch.zeros((back.shape[0], *in_shape), dtype=back.dtype, device=back.device)
             full[0] = 1.0  # background outside the cropped region
             full[(slice(None), *box)] = back
             probs = full[:k]
@@ -354,15 +413,40 @@ class Predictor:
                 unc = full[k]
             label = _argmax_label(probs)
         else:  # the label alone: resampled and decided a few planes at a time
-            label = torch.zeros(x.shape[1:], dtype=torch.uint8, device=stack.device)  # background outside the crop
+            label = torch.zeros(in_shape, dtype=torch.uint8, device=stack.device)  # background outside the crop
             label[box] = grid.from_plan(stack, "bilinear", reduce=_argmax_label)
             probs = None
         if not isinstance(getattr(self.inferer, "last_stats", None), dict):
             self.inferer.last_stats = {}
-        self.inferer.last_stats.update(plan_shape=grid.plan_shape, preprocess_s=t1 - t0, network_s=t2 - t1,
+        self.inferer.last_stats.update(backend=getattr(self._active, "name", "torch"),
+                                       plan_shape=grid.plan_shape, preprocess_s=t1 - t0, network_s=t2 - t1,
                                        restore_s=time.perf_counter() - t2,
-                                       body_box=None if body is None else tuple((b.start, b.stop) for b in body))
+                                       body_box=None if body is None else tuple((b.start, b.stop) for b in body),
+                                       roi_first_s=roi_s)
         return probs, unc, label
+
+    def _first_pass_box(self, x: torch.Tensor, affine: np.ndarray, grid: PlanGrid,
+                        box: tuple[slice, ...]) -> tuple[slice, ...] | None:
+        """The ROI-first model's foreground bounding box, as a box of this plan's grid widened by
+        ``roi_margin_mm`` (None when it finds no foreground: predict everywhere).
+
+        ``x`` (C, *S) and ``affine``: the input; ``grid``/``box``: this Predictor's plan grid of the
+        input's nonzero crop ``box``."""
+        _, _, label = self.roi_first._predict_array(x, affine, probabilities=False)
+        found = nonzero_box(label[None] != 0) if bool((label != 0).any()) else None
+        if found is None:
+            return None
+        d = label.dim()
+        # corners of the found box (voxel edges) in the cropped input's voxels -> this plan's voxels
+        lo = np.array([f.start - b.start for f, b in zip(found, box)], dtype=np.float64) - 0.5
+        hi = np.array([f.stop - b.start for f, b in zip(found, box)], dtype=np.float64) - 0.5
+        corners = np.array(np.meshgrid(*[[a, b] for a, b in zip(lo, hi)], indexing="ij")).reshape(d, -1)
+        to_plan = np.linalg.solve(grid.plan_affine, grid.image_affine)
+        mapped = to_plan[:d, :d] @ corners + to_plan[:d, d:]
+        margin = [self.roi_margin_mm / s for s in grid.plan_spacing]
+        return tuple(slice(max(0, int(np.floor(mapped[a].min() + 0.5 - m))),
+                           min(n, int(np.ceil(mapped[a].max() + 0.5 + m))))
+                     for a, (m, n) in enumerate(zip(margin, grid.plan_shape)))
 
     def preprocess(self, x: torch.Tensor, affine: np.ndarray,
                    normalize: bool = True) -> tuple[torch.Tensor, PlanGrid, tuple[slice, ...]]:
@@ -374,12 +458,36 @@ class Predictor:
         """
         return preprocess_tensor(x, affine, self.plan, normalize=normalize)
 
+    def _engine_for(self, shape: tuple[int, ...], slicewise: bool = False):
+        """What runs the windows of an image whose plan-space shape is ``shape``: ``self.engine``, or for
+        ``backend="auto"`` OpenVINO when the image's windows (times the TTA copies) hold at least
+        :data:`AUTO_OPENVINO_VOXELS` voxels. A network OpenVINO cannot convert stays on torch, with one
+        warning."""
+        if not self._auto_possible or slicewise or not hasattr(self.inferer, "layout"):
+            return self.engine
+        lay = self.inferer.layout(self.network, shape)
+        work = int(np.prod(lay["tile_in"])) * int(np.prod([len(s) for s in lay["starts"]]))
+        if self.tta:
+            work *= len(mirror_combinations(len(shape), self.plan.mirror_axes))
+        if work < AUTO_OPENVINO_VOXELS:
+            return self.engine
+        if self._auto_openvino is None:
+            try:
+                self._auto_openvino = load_engine("openvino", self.network, self.plan.patch_size,
+                                                  self.plan.in_channels, bf16=self.cpu_bf16)
+            except Exception as error:  # noqa: BLE001 - any converter failure: torch does the work
+                self._auto_possible = False
+                warnings.warn(f"backend auto: OpenVINO could not convert this network ({_one_line(error)}); "
+                              "running it on torch", RuntimeWarning, stacklevel=2)
+                return self.engine
+        return self._auto_openvino
+
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inferer(x, self.engine)
+        return self.inferer(x, self._active)
 
     def _slicewise_logits(self, x: torch.Tensor) -> torch.Tensor:
         """A 2D network over a volume ``(B, C, X, Y, Z)``, one axial slice at a time."""
-        return torch.stack([self.inferer(x[..., z], self.engine) for z in range(x.shape[-1])], dim=-1)
+        return torch.stack([self.inferer(x[..., z], self._active) for z in range(x.shape[-1])], dim=-1)
 
     # -- batches -------------------------------------------------------------------------------------
     def segment(
@@ -573,7 +681,8 @@ class Predictor:
             if dicom_todo and image.source != "dicom":
                 raise InputError(path, f"--format {','.join(dicom_todo)} needs a DICOM series input (use --format nifti)")
             stage = "predicting"
-            pred = self.predict_image(image, probabilities="probabilities" in todo)
+            # the voxels are let go once in plan space (the NIfTI/PNG writers need only the geometry)
+            pred = self.predict_image(image, probabilities="probabilities" in todo, release_input=not dicom_todo)
             stage = "writing"
             dicom = build_dicom_outputs(pred.label, image, dicom_todo, self.plan.labels)  # all built before any write
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -634,6 +743,12 @@ def _claim_outputs(found: Sequence[tuple[Path, Path]], out_dir: Path, probabilit
         if not any(o in claimed for o in outs):
             claimed.update((o, str(path)) for o in outs)
     return claimed
+
+
+def _intersect(a: Sequence[slice], b: Sequence[slice]) -> tuple[slice, ...]:
+    """Two boxes' common part (the second when they do not meet)."""
+    out = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
+    return tuple(b) if any(s.stop <= s.start for s in out) else out
 
 
 class _NotFinite(ArithmeticError):
