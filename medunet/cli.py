@@ -186,15 +186,15 @@ def _run_segment(args: argparse.Namespace) -> int:
         device = f"cuda:{local_rank % torch_cuda_count()}"  # torchrun: one GPU per local rank
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
+        cpu_bf16 = {"on": True, "off": False}.get(args.cpu_bf16, "auto")
         roi_first = None
         if args.roi_first:
-            roi_first = Predictor.from_bundle(None, args.roi_first, device=device, progress=False,
-                                              cpu_bf16={"on": True, "off": False}.get(args.cpu_bf16, "auto"))
+            roi_first = Predictor.from_bundle(None, args.roi_first, device=device, progress=False, cpu_bf16=cpu_bf16)
         predictor = Predictor.from_bundle(
             args.bundle, args.checkpoint, device=device, tta=args.tta, overlap=args.overlap, roi_size=roi,
             roi_first=roi_first, roi_margin_mm=args.roi_margin,
             sw_batch_size=args.sw_batch_size, largest_component=args.largest_component,
-            progress=not args.no_progress, cpu_bf16={"on": True, "off": False}.get(args.cpu_bf16, "auto"),
+            progress=not args.no_progress, cpu_bf16=cpu_bf16,
             body_crop=args.body_crop, backend=args.backend, model_file=args.model_file, placement=args.placement,
         )
     for w in caught:

@@ -49,7 +49,6 @@ import importlib.util
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -59,17 +58,19 @@ from monai.inferers import SlidingWindowInferer
 
 from medunet.data import Plan
 from medunet.data.phantoms import generate_case
+from medunet.engines import trained_seconds
 from medunet.inference import PlanGrid, Predictor
 from medunet.inference.benchmark import (
     PeakRSS,
     ShiftedGridInferer,
     child_peak_rss,
     conv3d_roofline,
+    empty_model_cache,
     forward_flops,
 )
 from medunet.inference.bundle import resolve_plan
 from medunet.inference.predictor import cpu_has_native_bf16
-from medunet.io import ImageData, load_checkpoint, read_image, write_nifti
+from medunet.io import ImageData, read_image, write_nifti
 from medunet.metrics import label_agreement as dice
 from medunet.metrics import voxel_agreement as micro_dice
 
@@ -108,7 +109,7 @@ def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, resume: bo
     if not (data / "dataset.json").exists():
         generate_dataset("ct", data, cases=cases + 1, seed=0, size=PHANTOM_SHAPE)
     run = workdir / "bundle_run"
-    budget = seconds + (trained_seconds(run) if resume else 0.0)
+    budget = seconds + (trained_seconds(run / 'eval') if resume else 0.0)
     log(f"training bundles/ct on {cases} phantoms for {seconds:.0f}s (budget {budget:.0f}s in all)")
     wf = run_bundle_workflow(REPO / "bundles" / "ct", "train", {
         "dataset_dir": str(data), "output_dir": str(run / "eval"), "ckpt_dir": str(run / "models"),
@@ -116,7 +117,7 @@ def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, resume: bo
         "mlflow": False, "progress_bar": False,
     })
     del wf
-    log(f"trained weights {run / 'models' / 'model.pt'}: {trained_seconds(run):.0f} s of training in all")
+    log(f"trained weights {run / 'models' / 'model.pt'}: {trained_seconds(run / 'eval'):.0f} s of training in all")
     return run / "models" / "model.pt"
 
 
@@ -134,14 +135,6 @@ def trained_run(workdir: Path, plan: Plan) -> Path | None:
     return model if all(trained.get(k) == v for k, v in bench_overrides(plan).items()) else None
 
 
-def trained_seconds(run: Path) -> float:
-    """Training seconds of the bundle run in ``run`` (its latest checkpoint's budget clock; 0 if none)."""
-    latest = run / "eval" / "checkpoint_latest.pt"
-    if not latest.is_file():
-        return 0.0
-    return float(load_checkpoint(latest).get("budget", {}).get("elapsed_s", 0.0))
-
-
 def phantom_case(args, workdir: Path, log) -> tuple[Path, ImageData, np.ndarray, Plan]:
     """The benchmark phantom, and weights trained for its plan (cached in ``workdir``; trained when
     missing): ``(checkpoint, image, ground truth, plan)``."""
@@ -150,12 +143,12 @@ def phantom_case(args, workdir: Path, log) -> tuple[Path, ImageData, np.ndarray,
     cached = None if args.retrain else trained_run(workdir, plan)
     run_dir = workdir / "bundle_run"
     if cached is not None and args.continue_training:
-        log(f"continuing the training of {cached} ({trained_seconds(run_dir):.0f} s so far) for "
+        log(f"continuing the training of {cached} ({trained_seconds(run_dir / 'eval'):.0f} s so far) for "
             f"{args.train_seconds:.0f}s")
         ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log, resume=True)
     elif cached is not None:
         ckpt = cached
-        log(f"using trained weights {ckpt} ({trained_seconds(run_dir):.0f} s of training)")
+        log(f"using trained weights {ckpt} ({trained_seconds(run_dir / 'eval'):.0f} s of training)")
     else:
         log(f"no trained run for this plan in {workdir}: training the bundles/ct network for "
             f"{args.train_seconds:.0f}s")
@@ -405,17 +398,6 @@ def main() -> None:
         predictor = make(**kw)
         predictor.predict_image(image_data, probabilities=False)
         return predictor
-
-    @contextlib.contextmanager
-    def empty_model_cache():
-        """A first run of these weights: the converted-network cache folder starts empty."""
-        old = os.environ.get("MEDUNET_CACHE_DIR")
-        with tempfile.TemporaryDirectory() as tmp:
-            os.environ["MEDUNET_CACHE_DIR"] = tmp
-            try:
-                yield
-            finally:
-                os.environ.pop("MEDUNET_CACHE_DIR") if old is None else os.environ.__setitem__("MEDUNET_CACHE_DIR", old)
 
     for name, kw in configs.items():
         kw = dict(kw)

@@ -16,16 +16,13 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _cache_dir(tmp_path_factory):
+def _cache_dir():
     """Converted networks (backend auto/openvino) go to a folder of this session, not the user's
     ~/.cache (subprocesses inherit it)."""
-    old = os.environ.get("MEDUNET_CACHE_DIR")
-    os.environ["MEDUNET_CACHE_DIR"] = str(tmp_path_factory.mktemp("medunet_cache"))
-    yield
-    if old is None:
-        os.environ.pop("MEDUNET_CACHE_DIR", None)
-    else:
-        os.environ["MEDUNET_CACHE_DIR"] = old
+    from medunet.inference.benchmark import empty_model_cache
+
+    with empty_model_cache():
+        yield
 
 
 @pytest.fixture(autouse=True)

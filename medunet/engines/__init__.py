@@ -13,6 +13,7 @@ from medunet.engines.handlers import (
     HistoryLogger,
     is_rank0,
     plot_history,
+    trained_seconds,
     unwrap,
 )
 from medunet.engines.losses import (
@@ -47,5 +48,5 @@ __all__ = [
     "prepare_dataset", "resolve_plan", "trained_plan_file", "split_datalist", "list_images",
     "prepare_batch_with_weights", "PHANTOM_KINDS", "parse_overrides", "run_bundle_workflow",
     "distributed", "shared_handler", "DeepSupervisionDiceCE", "WeightedCrossEntropyLoss", "TrainStep", "TrainingBudget", "float32_norms", "poly_lr",
-    "one_line_errors",
+    "one_line_errors", "trained_seconds",
 ]

@@ -47,6 +47,15 @@ def _plan_dict(plan) -> dict | None:
     return plan.to_dict() if hasattr(plan, "to_dict") else dict(plan)
 
 
+def trained_seconds(output_dir: str | os.PathLike) -> float:
+    """Seconds a bundle run in ``output_dir`` has trained: the budget clock of its
+    ``checkpoint_latest.pt`` (0 when there is none yet)."""
+    latest = Path(output_dir) / LATEST_NAME
+    if not latest.is_file():
+        return 0.0
+    return float(load_checkpoint(latest).get("budget", {}).get("elapsed_s", 0.0))
+
+
 class CheckpointManager:
     """Best model, latest training state, automatic resume and early stopping.
 

@@ -7,14 +7,18 @@ Linux only for the memory pieces (``/proc/self/status``; GNU ``time``).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
+import tempfile
 import threading
 import time
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["PeakRSS", "rss_mib", "child_peak_rss", "conv3d_roofline", "forward_flops", "ShiftedGridInferer"]
+__all__ = ["PeakRSS", "rss_mib", "child_peak_rss", "conv3d_roofline", "forward_flops", "ShiftedGridInferer",
+           "empty_model_cache"]
 
 
 class PeakRSS:
@@ -104,3 +108,19 @@ def child_peak_rss(command: list[str]) -> tuple[float, float]:
     seconds = time.perf_counter() - t
     kib = [line.split("=", 1)[1] for line in run.stderr.splitlines() if line.startswith("maxrss_kib=")]
     return float(kib[-1]) / 1024.0, seconds
+
+
+@contextlib.contextmanager
+def empty_model_cache():
+    """A first run of some weights: inside the block the converted-network cache
+    (:func:`medunet.inference.export.model_cache_dir`, ``MEDUNET_CACHE_DIR``) is an empty temporary folder."""
+    old = os.environ.get("MEDUNET_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["MEDUNET_CACHE_DIR"] = tmp
+        try:
+            yield tmp
+        finally:
+            if old is None:
+                os.environ.pop("MEDUNET_CACHE_DIR", None)
+            else:
+                os.environ["MEDUNET_CACHE_DIR"] = old

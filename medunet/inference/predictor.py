@@ -301,12 +301,9 @@ class Predictor:
         """
         start = time.perf_counter()
         x = self._to_channels_first(image)
-        dims = tuple(range(1, x.dim()))
-        low, high = x.amin(dim=dims), x.amax(dim=dims)  # no copy of a large (strided) input
-        blank = bool((low == high).all())
-        low, high = float(low.min()), float(high.max())
+        low, high = channel_range(x)  # read now: with release_input the voxels are gone at a NaN
         with torch.inference_mode():
-            if blank:  # one value everywhere (an empty or padding-only scan): nothing to segment
+            if bool((low == high).all()):  # one value everywhere (an empty or padding-only scan): nothing to segment
                 probs, unc = self._blank_prediction(x, probabilities)
                 label = torch.zeros(x.shape[1:], dtype=torch.uint8)
             else:
@@ -318,7 +315,8 @@ class Predictor:
                     probs, unc, label = self._predict_array(held, image.affine, probabilities)
                 except _NotFinite:
                     raise InputError(image.path, f"the network's output is not a number (NaN/Inf) for this image "
-                                                 f"(intensities {low:.4g} to {high:.4g})") from None
+                                                 f"(intensities {float(low.min()):.4g} to {float(high.max()):.4g})"
+                                     ) from None
             label = label.cpu().numpy()
         if self.largest_component:
             label = keep_largest_component(label, self.largest_component)
@@ -433,9 +431,10 @@ class Predictor:
         ``x`` (C, *S) and ``affine``: the input; ``grid``/``box``: this Predictor's plan grid of the
         input's nonzero crop ``box``."""
         _, _, label = self.roi_first._predict_array(x, affine, probabilities=False)
-        found = nonzero_box(label[None] != 0) if bool((label != 0).any()) else None
-        if found is None:
+        mask = label[None] != 0
+        if not bool(mask.any()):
             return None
+        found = nonzero_box(mask)
         d = label.dim()
         # corners of the found box (voxel edges) in the cropped input's voxels -> this plan's voxels
         lo = np.array([f.start - b.start for f, b in zip(found, box)], dtype=np.float64) - 0.5
@@ -767,13 +766,12 @@ def _argmax_label(chunk: torch.Tensor) -> torch.Tensor:
     return label
 
 
-def is_blank(x: torch.Tensor) -> bool:
-    """True when every channel of ``x`` (C, *S) holds one value (all zero, all air, all padding): such
-    a scan has no structure, so its label is background everywhere (no network needed)."""
-    if x.numel() == 0:
-        return True
+def channel_range(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel minimum and maximum ``(C,)`` of ``x`` (C, *S), without copying a large (strided)
+    input. Equal everywhere (all zero, all air, all padding) means a blank scan: no structure, so its
+    label is background everywhere (no network needed)."""
     dims = tuple(range(1, x.dim()))
-    return bool((x.amin(dim=dims) == x.amax(dim=dims)).all())  # no copy of a large (strided) input
+    return x.amin(dim=dims), x.amax(dim=dims)
 
 
 def body_box(x: torch.Tensor, threshold: float = -500.0, margin: int = 16, factor: int = 4) -> tuple[slice, ...]:
