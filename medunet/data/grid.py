@@ -29,6 +29,12 @@ __all__ = ["PlanGrid", "resample_grid", "reoriented_affine"]
 _CHUNK_VOXELS = 1 << 21  # output voxels per grid_sample call (bounds the sampling grid's memory: ~20 B each)
 
 
+def _orientation_change(affine: np.ndarray, axcodes: str) -> np.ndarray:
+    """nibabel's ``(d, 2)`` orientation transform from ``affine``'s ((d+1)×(d+1), RAS world) voxel axes to
+    ``axcodes``: per source axis, the target axis and whether it flips."""
+    return nib.orientations.ornt_transform(nib.io_orientation(affine), nib.orientations.axcodes2ornt(axcodes))
+
+
 def reoriented_affine(affine: np.ndarray, shape: Sequence[int], axcodes: str) -> tuple[np.ndarray, tuple[int, ...]]:
     """Affine and shape after MONAI's ``Orientation(axcodes)``: ``(affine_nd, shape)``.
 
@@ -36,9 +42,7 @@ def reoriented_affine(affine: np.ndarray, shape: Sequence[int], axcodes: str) ->
     """
     d = len(shape)
     affine = np.asarray(affine, dtype=np.float64)
-    src = nib.io_orientation(affine)
-    dst = nib.orientations.axcodes2ornt(axcodes[:d])
-    ornt = nib.orientations.ornt_transform(src, dst)
+    ornt = _orientation_change(affine, axcodes[:d])
     new_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
     new_shape = tuple(int(shape[int(a)]) for a in np.argsort(ornt[:, 0]))
     return new_affine, new_shape
@@ -150,8 +154,7 @@ def _reorient(img: MetaTensor, axcodes: str) -> MetaTensor:
     once on a large CT instead of two."""
     pending = Orientation(axcodes=axcodes, labels=None, lazy=True)(MetaTensor(img.as_tensor(), affine=img.affine))
     affine = pending.peek_pending_affine()
-    src = nib.io_orientation(to_affine_nd(img.dim() - 1, np.asarray(img.affine, dtype=np.float64)))
-    ornt = nib.orientations.ornt_transform(src, nib.orientations.axcodes2ornt(axcodes))
+    ornt = _orientation_change(to_affine_nd(img.dim() - 1, np.asarray(img.affine, dtype=np.float64)), axcodes)
     flips = [1 + a for a in range(len(ornt)) if ornt[a, 1] == -1]
     order = [0, *(1 + int(a) for a in np.argsort(ornt[:, 0]))]
     data = img.as_tensor()
