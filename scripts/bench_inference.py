@@ -2,7 +2,7 @@
 
 A CT phantom (~256×256×160 voxels after resampling) is segmented by the ``bundles/ct`` network with
 weights trained on CT phantoms (trained here by the ``bundles/ct`` bundle itself — 64×64×32 patches, a
-third of them centred on an organ — for ``--train-seconds`` = 28 min on 8 phantoms by default, when
+third of them centred on an organ — for ``--train-seconds`` = 28 min on ``--train-cases`` = 32 phantoms by default, when
 ``--workdir`` holds no checkpoint for this plan yet; ``--retrain`` forces it):
 
 * baseline: MONAI's ``SlidingWindowInferer`` at the model-zoo settings (roi 96³, overlap 0.5,
@@ -95,30 +95,44 @@ def bench_plan(spacing) -> Plan:
 
 
 def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, resume: bool = False) -> Path:
-    """Train the bundles/ct network on CT phantoms through the bundle (the one trainer) for ``seconds``
-    of wall time; returns the bundle's ``models/model.pt`` (``plan.json`` beside it).
+    """Train the bundles/ct network on ``cases`` CT phantoms through the bundle (the one trainer) for
+    ``seconds`` of wall time; returns the bundle's ``models/model.pt`` (``plan.json`` beside it).
 
-    The bundle run lives in ``workdir/bundle_run``. ``resume`` (``--continue-training``): the bundle
-    resumes that run with its time budget raised by ``seconds`` (its learning rate follows the longer
-    budget from where the clock stands).
+    The bundle run lives in :func:`run_dir` (one per number of training phantoms). ``resume``
+    (``--continue-training``): the bundle resumes that run with its time budget raised by ``seconds``
+    (its learning rate follows the longer budget from where the clock stands). The plan's
+    largest-component classes are the planner's, from the fingerprint of the training phantoms' labels.
     """
     from medunet.data.phantoms import generate_dataset
+    from medunet.data.planning import fingerprint_dataset, single_object_classes
     from medunet.engines import run_bundle_workflow
 
-    data = workdir / "phantoms"
+    data = phantom_dir(workdir, cases)
     if not (data / "dataset.json").exists():
         generate_dataset("ct", data, cases=cases + 1, seed=0, size=PHANTOM_SHAPE)
-    run = workdir / "bundle_run"
+    run = run_dir(workdir, cases)
     budget = seconds + (trained_seconds(run / 'eval') if resume else 0.0)
-    log(f"training bundles/ct on {cases} phantoms for {seconds:.0f}s (budget {budget:.0f}s in all)")
+    single = single_object_classes(fingerprint_dataset(data), plan.labels)
+    log(f"training bundles/ct on {cases} phantoms for {seconds:.0f}s (budget {budget:.0f}s in all); "
+        f"largest component only: {single}")
     wf = run_bundle_workflow(REPO / "bundles" / "ct", "train", {
         "dataset_dir": str(data), "output_dir": str(run / "eval"), "ckpt_dir": str(run / "models"),
-        "plan_overrides": bench_overrides(plan), "time_budget": budget, "n_folds": cases + 1, "resume": resume,
-        "mlflow": False, "progress_bar": False,
+        "plan_overrides": {**bench_overrides(plan), "largest_component": single}, "time_budget": budget,
+        "n_folds": cases + 1, "resume": resume, "mlflow": False, "progress_bar": False,
     })
     del wf
     log(f"trained weights {run / 'models' / 'model.pt'}: {trained_seconds(run / 'eval'):.0f} s of training in all")
     return run / "models" / "model.pt"
+
+
+def phantom_dir(workdir: Path, cases: int) -> Path:
+    """The training phantoms (``cases`` for training, one more for the bundle's validation fold)."""
+    return workdir / f"phantoms_{cases}"
+
+
+def run_dir(workdir: Path, cases: int) -> Path:
+    """The cached bundle run trained on ``cases`` phantoms."""
+    return workdir / f"bundle_run_{cases}"
 
 
 def bench_overrides(plan: Plan) -> dict:
@@ -126,9 +140,9 @@ def bench_overrides(plan: Plan) -> dict:
     return {k: v for k, v in plan.to_dict().items() if k in ("target_spacing", "patch_size", "batch_size")}
 
 
-def trained_run(workdir: Path, plan: Plan) -> Path | None:
+def trained_run(workdir: Path, plan: Plan, cases: int) -> Path | None:
     """The cached bundle run's ``models/model.pt`` when it was trained with the bench's plan, else None."""
-    model = workdir / "bundle_run" / "models" / "model.pt"
+    model = run_dir(workdir, cases) / "models" / "model.pt"
     if not model.is_file() or not (model.parent / "plan.json").is_file():
         return None
     trained = Plan.load(model.parent / "plan.json").to_dict()
@@ -140,15 +154,15 @@ def phantom_case(args, workdir: Path, log) -> tuple[Path, ImageData, np.ndarray,
     missing): ``(checkpoint, image, ground truth, plan)``."""
     case = generate_case("ct", BENCH_CASE, seed=0, size=PHANTOM_SHAPE)
     plan = bench_plan(case.info["spacing"])
-    cached = None if args.retrain else trained_run(workdir, plan)
-    run_dir = workdir / "bundle_run"
+    cached = None if args.retrain else trained_run(workdir, plan, args.train_cases)
+    run = run_dir(workdir, args.train_cases)
     if cached is not None and args.continue_training:
-        log(f"continuing the training of {cached} ({trained_seconds(run_dir / 'eval'):.0f} s so far) for "
+        log(f"continuing the training of {cached} ({trained_seconds(run / 'eval'):.0f} s so far) for "
             f"{args.train_seconds:.0f}s")
         ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log, resume=True)
     elif cached is not None:
         ckpt = cached
-        log(f"using trained weights {ckpt} ({trained_seconds(run_dir / 'eval'):.0f} s of training)")
+        log(f"using trained weights {ckpt} ({trained_seconds(run / 'eval'):.0f} s of training)")
     else:
         log(f"no trained run for this plan in {workdir}: training the bundles/ct network for "
             f"{args.train_seconds:.0f}s")
@@ -201,7 +215,8 @@ def main() -> None:
     ap.add_argument("--workdir", default=os.path.expanduser("~/.cache/medunet/bench_inference"))
     ap.add_argument("--train-seconds", type=float, default=1680.0,
                     help="training time budget when no trained checkpoint is cached (default 28 min)")
-    ap.add_argument("--train-cases", type=int, default=8)
+    ap.add_argument("--train-cases", type=int, default=32,
+                    help="training phantoms (default 32; one more is the bundle's validation case)")
     ap.add_argument("--retrain", action="store_true", help="train again even when a checkpoint is cached")
     ap.add_argument("--continue-training", action="store_true",
                     help="train the cached weights for another --train-seconds (a fresh warm-up + poly cycle)")
@@ -252,7 +267,7 @@ def main() -> None:
         ckpt, image_data, truth, plan = phantom_case(args, workdir, log)
     if args.train_only:
         return
-    calibration_dir = Path(args.calibration_dir) if args.calibration_dir else workdir / "phantoms" / "imagesTr"
+    calibration_dir = Path(args.calibration_dir) if args.calibration_dir else phantom_dir(workdir, args.train_cases) / "imagesTr"
     classes = range(1, plan.out_channels)
     names = [plan.label_names.get(c, str(c)) for c in classes]
 

@@ -174,3 +174,40 @@ def test_medunet_evaluate_with_tta(tmp_path, capsys):
     assert summary["n_cases"] == 1
     assert set(summary["classes"]) == set(Plan.load(tmp_path / "models" / "plan.json").label_names.values()) - {
         "background"}
+
+
+class SoftOracle(ShiftedOracle):
+    """The reference as probabilities: class 0 at ``1 - level`` inside the foreground, ``level`` outside."""
+
+    def __init__(self, labels, level: float):
+        super().__init__(labels)
+        self.level = level
+
+    def predict_image(self, image, probabilities=True):
+        ref = super().predict_image(image).label
+        p0 = np.where(ref > 0, 1.0 - self.level, self.level).astype(np.float32)
+        rest = (1.0 - p0) / 2
+        return SimpleNamespace(label=ref, image=image,
+                               probabilities=np.stack([p0, rest, rest]) if probabilities else None)
+
+
+def test_challenge_scoring_pools_the_cases_probabilities(tmp_path):
+    from medunet.metrics import challenge_errors
+
+    items, labels = _cases(tmp_path)
+    result = evaluate_files(SoftOracle(labels, level=0.35), items, tmp_path / "report",
+                            metrics=("dice", "pixel_error", "challenge_pixel_error", "challenge_rand_error"))
+    refs = [nib.load(labels[Path(i["image"]).name]).get_fdata() for i in items]
+    expected = challenge_errors([np.where(r > 0, 0.35, 0.65) for r in refs], refs)
+    assert result.summary["challenge"] == pytest.approx(expected)
+    # cell probability 0.35 inside the foreground, 0.65 outside (an inverted map): the best a threshold
+    # can do is to call everything cell (t < 0.35; the first such threshold is kept)
+    fg, bg = sum(int((r > 0).sum()) for r in refs), sum(int((r == 0).sum()) for r in refs)
+    assert expected["challenge_pixel_threshold"] == 0.0
+    assert expected["challenge_pixel_error"] == pytest.approx(bg / (2 * fg + bg))
+    assert result.metrics["eval_challenge_rand_error"] == pytest.approx(expected["challenge_rand_error"])
+    assert "challenge scoring" in (tmp_path / "report" / "results.md").read_text(encoding="utf-8")
+    assert "challenge_pixel_error" not in result.rows[0]  # stack-level, not per case
+    perfect = evaluate_files(SoftOracle(labels, level=0.9), items, None, metrics=("dice", "challenge_pixel_error"))
+    assert perfect.summary["challenge"]["challenge_pixel_error"] == 0.0
+    assert perfect.summary["challenge"]["challenge_rand_error"] == 0.0

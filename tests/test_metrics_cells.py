@@ -126,3 +126,63 @@ def test_cell_metrics_names_and_report(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))["case_metrics"] == written["case_metrics"]
     # without cell measures there are no case measures in the summary
     assert summarize([{"case": "c", "mean_dice": 1.0}], {0: "bg", 1: "fg"})["case_metrics"] == {}
+
+
+def _brute_force_challenge(prob: np.ndarray, ref: np.ndarray, t: float) -> tuple[float, float]:
+    """1 − pixel F and 1 − foreground-restricted Rand F at one threshold, by counting every ordered
+    pixel pair (the definition, independent of the contingency-table code)."""
+    cells = prob > t
+    truth = ref > 0
+    tp, fp, fn = (cells & truth).sum(), (cells & ~truth).sum(), (~cells & truth).sum()
+    f_pixel = 2 * tp / (2 * tp + fp + fn)
+    g, p = cell_segments(truth.astype(int)).ravel(), cell_segments(cells.astype(int)).ravel()
+    idx = np.flatnonzero(g > 0)
+    both = same_true = same_prop = 0
+    for i in idx:
+        for j in idx:
+            if i == j:
+                continue
+            st, sp = g[i] == g[j], p[i] > 0 and p[i] == p[j]
+            same_true += st
+            same_prop += sp
+            both += st and sp
+    precision, recall = both / same_prop if same_prop else 0.0, both / same_true
+    f_rand = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return 1 - f_pixel, 1 - f_rand
+
+
+def test_challenge_errors_by_hand_and_against_pair_counting():
+    from medunet.metrics import challenge_errors
+
+    ref = np.array([[1, 1, 0, 1, 1]])  # two 2-pixel cells
+    prob = np.array([[0.9, 0.6, 0.2, 0.9, 0.3]])
+    # t = 0.0: all cell -> pixel F 8/9, the two cells merged: Rand precision 4/12, recall 1 -> F 1/2
+    merged = challenge_errors([prob], [ref], thresholds=[0.0])
+    assert merged["challenge_pixel_error"] == pytest.approx(1 / 9) and merged["challenge_rand_error"] == pytest.approx(0.5)
+    # t = 0.5: pixel 4 called membrane -> pixel F 6/7; Rand precision 1, recall 2/4 -> F 2/3
+    cut = challenge_errors([prob], [ref], thresholds=[0.5])
+    assert cut["challenge_pixel_error"] == pytest.approx(1 / 7) and cut["challenge_rand_error"] == pytest.approx(1 / 3)
+    # the best threshold of each measure is its own
+    both = challenge_errors([prob], [ref], thresholds=[0.0, 0.5])
+    assert both["challenge_pixel_threshold"] == 0.0 and both["challenge_rand_threshold"] == 0.5
+    assert both["challenge_pixel_error"] == pytest.approx(1 / 9) and both["challenge_rand_error"] == pytest.approx(1 / 3)
+
+    rng = np.random.default_rng(0)
+    refs, probs = [], []
+    for _ in range(2):  # a small stack: counts are summed over its slices
+        r = np.ones((9, 8), int)
+        r[:, rng.integers(2, 6)] = 0
+        r[rng.integers(2, 7), :] = 0
+        refs.append(r)
+        probs.append(np.clip(r * 0.7 + rng.normal(0, 0.25, r.shape), 0, 1))
+    for t in (0.3, 0.5, 0.7):
+        got = challenge_errors(probs, refs, thresholds=[t])
+        # pair counts summed over the slices = the count over both slices side by side with a membrane
+        # column between them (no segment crosses it; reference membrane is not scored)
+        gap = np.zeros((9, 1))
+        joint = _brute_force_challenge(np.concatenate([probs[0], gap, probs[1]], 1),
+                                       np.concatenate([refs[0], gap.astype(int), refs[1]], 1), t)
+        assert got["challenge_pixel_error"] == pytest.approx(joint[0])
+        assert got["challenge_rand_error"] == pytest.approx(joint[1])
+    with pytest.raises(ValueError, match="one reference per"):
+        challenge_errors([prob], [ref, ref])

@@ -30,7 +30,7 @@ from medunet.io import InputError, is_nifti, read_image, read_nifti_header, vali
 
 __all__ = [
     "fingerprint_dataset", "plan_dataset", "estimate_memory_mb", "estimate_gflops",
-    "target_spacing", "BUDGETS", "format_plan", "NoUsableCases", "receptive_field",
+    "target_spacing", "BUDGETS", "format_plan", "NoUsableCases", "receptive_field", "single_object_classes",
 ]
 
 log = logging.getLogger(__name__)
@@ -618,7 +618,7 @@ def plan_dataset(
         patch = _round_for_network(network, spatial_dims, in_channels, out_channels, patch, net_options)
 
     normalization = _normalization(fp)
-    single = _single_object_classes(fp, labels)
+    single = single_object_classes(fp, labels)
     modality = _modality_name(fp)
     summary = {k: v for k, v in fp.items() if k != "cases"}
     summary["cases"] = fp["cases"]
@@ -647,7 +647,7 @@ def plan_dataset(
     )
 
 
-def _single_object_classes(fp: dict, labels: dict[str, int]) -> list[int] | None:
+def single_object_classes(fp: dict, labels: dict[str, int]) -> list[int] | None:
     """Classes that are one object in every training label (the largest connected component holds at
     least ``_SINGLE_OBJECT`` of the class's voxels in every case with that class): their predictions
     keep only the largest component. Decided from the shapes of the dataset's labels (the fingerprint),

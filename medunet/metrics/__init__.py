@@ -5,8 +5,10 @@ summary JSON, best/worst overlays)."""
 
 from medunet.metrics.cells import (
     CELL_METRIC_NAMES,
+    CHALLENGE_METRIC_NAMES,
     adapted_rand,
     cell_metrics,
+    challenge_errors,
     pixel_error,
     rand_error,
     warping_error,
@@ -33,5 +35,6 @@ __all__ = [
     "case_metrics", "ClassDice", "METRIC_NAMES", "as_label_map", "write_report", "summarize", "overlay_png",
     "representative_slice", "Evaluation", "EvaluationRun", "evaluate_files", "score_prediction",
     "summary_metrics", "label_map", "CELL_METRIC_NAMES", "adapted_rand", "cell_metrics", "pixel_error",
-    "rand_error", "warping_error", "label_agreement", "voxel_agreement",
+    "rand_error", "warping_error", "label_agreement", "voxel_agreement", "CHALLENGE_METRIC_NAMES",
+    "challenge_errors",
 ]

@@ -20,20 +20,35 @@ segments are merged), recall ``Σ p_ij² / Σ a_i²`` (low when they are split),
   topology: cells 4-connected, background 8-connected): it counts the errors that split, merge, open
   or close objects and ignores boundary shifts. Found greedily (all flippable pixels, in 9 interleaved
   sub-grids whose members never neighbour, until none is left), so an upper bound of the minimum.
+
+These score one label map. **The challenge itself** (and the U-Net paper's figures) scored a submitted
+*probability map* of the whole test stack: :func:`challenge_errors` thresholds the cell probability at
+0.0, 0.1, …, 1.0 and reports, as the challenge's (now deprecated) evaluation did, the pixel error as
+1 − the best F-score of the cell pixels (TP, FP, FN summed over the stack) and the Rand error as 1 − the
+best F-score of the foreground-restricted Rand index (pair counts ``n(n−1)`` of 4-connected segments per
+slice, summed over the stack; reference background pixels and pixels the proposal calls background are
+left out). Both are lower than the fraction-of-pixels / adapted-Rand values above for the same
+prediction: an F-score of the cell class counts each wrong pixel against ~2× the cell pixels, and the
+best of eleven thresholds is taken.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage, sparse
 
-__all__ = ["CELL_METRIC_NAMES", "pixel_error", "cell_segments", "adapted_rand", "rand_error", "warping_error",
+__all__ = ["CELL_METRIC_NAMES", "CHALLENGE_METRIC_NAMES", "CHALLENGE_THRESHOLDS", "challenge_errors", "pixel_error", "cell_segments", "adapted_rand", "rand_error", "warping_error",
            "simple_pixels", "cell_metrics"]
 
 #: case-level measures :func:`cell_metrics` computes (names as in the evaluation report)
 CELL_METRIC_NAMES = ("pixel_error", "rand_error", "warping_error")
+#: stack-level measures of :func:`challenge_errors` (scored from probabilities, over all cases together)
+CHALLENGE_METRIC_NAMES = ("challenge_pixel_error", "challenge_rand_error")
+#: the thresholds the ISBI 2012 evaluation swept over the submitted cell probability (0.0 to 1.0, step 0.1)
+CHALLENGE_THRESHOLDS = tuple(round(0.1 * k, 1) for k in range(11))
 
 
 def _labels(x) -> np.ndarray:
@@ -181,3 +196,67 @@ def cell_metrics(pred, label, names: Sequence[str] = CELL_METRIC_NAMES) -> dict[
     if "warping_error" in names:
         out["warping_error"] = warping_error(pred, label)
     return out
+
+
+def _pair_counts(true_segments: np.ndarray, proposed_segments: np.ndarray) -> tuple[float, float, float]:
+    """Foreground-restricted pair counts ``(same in both, same in the reference, same in the proposal)``
+    of two segmentations of one slice, ordered pairs ``n(n−1)``: reference background (0) is left out
+    everywhere, proposed background only from the proposal's segments."""
+    scored = true_segments > 0
+    g, p = true_segments[scored].astype(np.int64), proposed_segments[scored].astype(np.int64)
+    if g.size == 0:
+        return 0.0, 0.0, 0.0
+    table = sparse.coo_matrix((np.ones(g.size), (g, p)), shape=(int(g.max()) + 1, int(p.max(initial=0)) + 1)).tocsc()
+    a = np.asarray(table.sum(axis=1), dtype=np.float64).ravel()  # all of a reference segment's pixels
+    inside = table[:, 1:]  # proposed background is no segment
+    b = np.asarray(inside.sum(axis=0), dtype=np.float64).ravel()
+    c = inside.data.astype(np.float64)
+    return float(np.sum(c * (c - 1))), float(np.sum(a * (a - 1))), float(np.sum(b * (b - 1)))
+
+
+def challenge_errors(cell_probabilities: Sequence[np.ndarray], labels: Sequence[np.ndarray],
+                     thresholds: Sequence[float] = CHALLENGE_THRESHOLDS) -> dict[str, float]:
+    """The ISBI 2012 challenge's pixel and Rand errors of a stack of probability maps (see the module
+    docstring).
+
+    Args:
+        cell_probabilities: per slice, the probability of "cell" (not membrane) ``(H, W)`` (e.g. 1 − the
+            probability of class 0); a slice is "cell" where it is ``> threshold``.
+        labels: per slice, the reference ``(H, W)``: 0 membrane, > 0 cell.
+        thresholds: binarisation thresholds tried (default :data:`CHALLENGE_THRESHOLDS`).
+
+    Returns:
+        ``{"challenge_pixel_error", "challenge_pixel_threshold", "challenge_rand_error",
+        "challenge_rand_threshold", "n_slices"}``: each error is 1 − the best F-score over the
+        thresholds (counts summed over the slices), with the threshold that gave it.
+    """
+    probs = [np.asarray(q, dtype=np.float32) for q in cell_probabilities]
+    refs = [_labels(r) > 0 for r in labels]
+    if len(probs) != len(refs) or not probs:
+        raise ValueError(f"need one reference per probability map (got {len(probs)} maps, {len(refs)} references)")
+    for q, r in zip(probs, refs, strict=True):
+        if q.shape != r.shape:
+            raise ValueError(f"probability map {q.shape} and reference {r.shape} differ in shape")
+    ref_segments = [cell_segments(r.astype(np.int64)) for r in refs]
+    best = {"pixel": (-1.0, math.nan), "rand": (-1.0, math.nan)}
+    for t in thresholds:
+        tp = fp = fn = 0
+        same_both = same_true = same_proposed = 0.0
+        for q, r, segs in zip(probs, refs, ref_segments, strict=True):
+            cells = q > float(t)
+            tp += int(np.count_nonzero(cells & r))
+            fp += int(np.count_nonzero(cells & ~r))
+            fn += int(np.count_nonzero(~cells & r))
+            counts = _pair_counts(segs, cell_segments(cells.astype(np.int64)))
+            same_both, same_true, same_proposed = (same_both + counts[0], same_true + counts[1],
+                                                   same_proposed + counts[2])
+        f_pixel = 2.0 * tp / (2 * tp + fp + fn) if tp else 0.0
+        precision = same_both / same_proposed if same_proposed else 0.0
+        recall = same_both / same_true if same_true else 0.0
+        f_rand = 2.0 * precision * recall / (precision + recall) if precision + recall else 0.0
+        for key, f in (("pixel", f_pixel), ("rand", f_rand)):
+            if f > best[key][0]:
+                best[key] = (f, float(t))
+    return {"challenge_pixel_error": 1.0 - best["pixel"][0], "challenge_pixel_threshold": best["pixel"][1],
+            "challenge_rand_error": 1.0 - best["rand"][0], "challenge_rand_threshold": best["rand"][1],
+            "n_slices": len(probs)}

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from medunet.io import ImageData, InputError, image_id, read_image
-from medunet.metrics.cells import CELL_METRIC_NAMES, cell_metrics
+from medunet.metrics.cells import CELL_METRIC_NAMES, CHALLENGE_METRIC_NAMES, cell_metrics, challenge_errors
 from medunet.metrics.report import _slice2d, summarize, write_report
 from medunet.metrics.segmentation import METRIC_NAMES, case_metrics
 
@@ -67,6 +67,9 @@ def summary_metrics(summary: Mapping) -> dict[str, float]:
     for metric, stats in (summary.get("case_metrics") or {}).items():
         if stats.get("mean") is not None:
             out[f"eval_{metric}"] = float(stats["mean"])
+    for metric in CHALLENGE_METRIC_NAMES:
+        if (summary.get("challenge") or {}).get(metric) is not None:
+            out[f"eval_{metric}"] = float(summary["challenge"][metric])
     for name, per_metric in (summary.get("classes") or {}).items():
         for metric, stats in per_metric.items():
             if stats.get("mean") is not None:
@@ -167,7 +170,10 @@ def evaluate_files(
         label_names: class value → name; default the predictor's ``plan.label_names``.
         tolerance_mm: surface-Dice tolerance (one value or one per foreground class).
         metrics: any of ``"dice"``, ``"hd95"``, ``"surface_dice"`` (per class) and ``"pixel_error"``,
-            ``"rand_error"``, ``"warping_error"`` (per case, :mod:`medunet.metrics.cells`).
+            ``"rand_error"``, ``"warping_error"`` (per case, :mod:`medunet.metrics.cells`), and
+            ``"challenge_pixel_error"``/``"challenge_rand_error"``: the ISBI 2012 challenge's scoring of
+            the cell probability (1 − that of class 0) of all cases together
+            (:func:`~medunet.metrics.cells.challenge_errors`; summary entry ``"challenge"``).
         n_overlays: how many best and worst cases get an overlay.
         log: called with one line per case that fails (default: a logging warning); the others go on.
 
@@ -180,15 +186,18 @@ def evaluate_files(
     log = log or logger.warning
     result = Evaluation()
     slices: dict[str, tuple] = {}
+    challenge = any(m in CHALLENGE_METRIC_NAMES for m in metrics)
+    stack: list[tuple[np.ndarray, np.ndarray]] = []  # (cell probability, reference) per case, for the challenge
     for item in items:
         start = time.perf_counter()
         image_path = item.get("image")
         first = image_path if isinstance(image_path, (str, os.PathLike)) else (list(image_path or []) or ["?"])[0]
         try:
             image = _read_case_image(image_path)
-            prediction = predictor.predict_image(image, probabilities=False)
+            prediction = predictor.predict_image(image, probabilities=challenge)
             label = read_image(item["label"])
-            row = score_prediction(np.asarray(prediction.label), image, label, label_names, tolerance_mm, metrics)
+            row = score_prediction(np.asarray(prediction.label), image, label, label_names, tolerance_mm,
+                                   [m for m in metrics if m not in CHALLENGE_METRIC_NAMES])
         except InputError as e:
             message = str(e)
         except (KeyError, ValueError, RuntimeError, OSError, MemoryError) as e:
@@ -202,11 +211,15 @@ def evaluate_files(
             if pixels.ndim > image.spatial_dims:
                 pixels = pixels[..., 0]
             slices[case] = _slice2d(pixels, label_map(label), np.asarray(prediction.label))
+            if challenge:
+                stack.append((1.0 - np.asarray(prediction.probabilities[0], dtype=np.float32), label_map(label)))
             logger.info("evaluated %s: mean Dice %.4f (%.1f s)", case, row["mean_dice"], row["seconds"])
             continue
         result.failures.append(message)
         log(f"evaluation skipped: {message}")
-    extra = {"failed": list(result.failures)}
+    extra: dict[str, Any] = {"failed": list(result.failures)}
+    if stack:
+        extra["challenge"] = challenge_errors([q for q, _ in stack], [r for _, r in stack])
     if output_dir is not None:
         out = Path(output_dir)
         _clear_overlays(out)

@@ -178,5 +178,14 @@ def results_table(summary: Mapping) -> str:
         lines += ["| measure (per case) | mean ± std |", "|---|---|"]
         lines += [f"| {name.replace('_', ' ')} | {cell(stats, 4)} |" for name, stats in case_metrics.items()]
         lines.append("")
+    challenge = summary.get("challenge")
+    if challenge:
+        lines += [f"ISBI 2012 challenge scoring of the cell probability over all {challenge['n_slices']} case(s) "
+                  "(1 − best F-score over thresholds 0.0…1.0):", "",
+                  "| measure | error | threshold |", "|---|---|---|",
+                  f"| pixel error | {float(challenge['challenge_pixel_error']):.4f} | "
+                  f"{float(challenge['challenge_pixel_threshold']):.1f} |",
+                  f"| Rand error | {float(challenge['challenge_rand_error']):.4f} | "
+                  f"{float(challenge['challenge_rand_threshold']):.1f} |", ""]
     lines.append(f"{summary.get('n_cases', 0)} case(s) scored, {len(summary.get('failed') or [])} failed.")
     return "\n".join(lines) + "\n"
