@@ -24,7 +24,7 @@ configuration (Z: the mean over the shifted-grid rows).
 Usage: ``.venv/bin/python scripts/bench_inference.py [--workdir DIR] [--train-seconds 1680] [--retrain]
 [--continue-training] [--train-only] [--quick] [--reference-shifts 24 13] [--rss-volume 512 512 300]
 [--image CT --label GT --checkpoint MODEL [--calibration-dir DIR]]`` (``--quick``: the rows above but the
-fixed-window float32 ones, one shifted grid). The bundle run is cached in ``--workdir/bundle_run`` and
+fixed-window float32 ones, one shifted grid). The bundle run is cached in ``--workdir/bundle_run_<train cases>`` and
 reused while its ``models/plan.json`` fits the bench's plan. ``--image/--label/--checkpoint``: the same
 rows on another CT (a real patient) with weights trained there, e.g. a ``bundles/ct`` run on
 ``sarcoma_ct``.

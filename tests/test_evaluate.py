@@ -211,3 +211,6 @@ def test_challenge_scoring_pools_the_cases_probabilities(tmp_path):
     perfect = evaluate_files(SoftOracle(labels, level=0.9), items, None, metrics=("dice", "challenge_pixel_error"))
     assert perfect.summary["challenge"]["challenge_pixel_error"] == 0.0
     assert perfect.summary["challenge"]["challenge_rand_error"] == 0.0
+    # a predictor without probabilities: each case is one failure line, not a crash
+    none = evaluate_files(ShiftedOracle(labels), items, None, metrics=("dice", "challenge_rand_error"))
+    assert not none.rows and len(none.failures) == 3 and all("no probabilities" in f for f in none.failures)

@@ -198,6 +198,8 @@ def evaluate_files(
             label = read_image(item["label"])
             row = score_prediction(np.asarray(prediction.label), image, label, label_names, tolerance_mm,
                                    [m for m in metrics if m not in CHALLENGE_METRIC_NAMES])
+            if challenge and getattr(prediction, "probabilities", None) is None:
+                raise ValueError("the predictor gave no probabilities, which the challenge measures score")
         except InputError as e:
             message = str(e)
         except (KeyError, ValueError, RuntimeError, OSError, MemoryError) as e:
@@ -211,7 +213,7 @@ def evaluate_files(
             if pixels.ndim > image.spatial_dims:
                 pixels = pixels[..., 0]
             slices[case] = _slice2d(pixels, label_map(label), np.asarray(prediction.label))
-            if challenge:
+            if challenge:  # the cell probability: 1 − that of class 0 (membrane)
                 stack.append((1.0 - np.asarray(prediction.probabilities[0], dtype=np.float32), label_map(label)))
             logger.info("evaluated %s: mean Dice %.4f (%.1f s)", case, row["mean_dice"], row["seconds"])
             continue
