@@ -59,6 +59,7 @@ from monai.inferers import SlidingWindowInferer
 from medunet.data import Plan
 from medunet.data.phantoms import generate_case
 from medunet.engines import trained_seconds
+from medunet.engines.phantom_bench import phantom_dir, run_dir, train_bench_network, trained_run
 from medunet.inference import PlanGrid, Predictor
 from medunet.inference.benchmark import (
     PeakRSS,
@@ -94,61 +95,6 @@ def bench_plan(spacing) -> Plan:
     return Plan.from_dict(data)
 
 
-def train(plan: Plan, workdir: Path, seconds: float, cases: int, log, resume: bool = False) -> Path:
-    """Train the bundles/ct network on ``cases`` CT phantoms through the bundle (the one trainer) for
-    ``seconds`` of wall time; returns the bundle's ``models/model.pt`` (``plan.json`` beside it).
-
-    The bundle run lives in :func:`run_dir` (one per number of training phantoms). ``resume``
-    (``--continue-training``): the bundle resumes that run with its time budget raised by ``seconds``
-    (its learning rate follows the longer budget from where the clock stands). The plan's
-    largest-component classes are the planner's, from the fingerprint of the training phantoms' labels.
-    """
-    from medunet.data.phantoms import generate_dataset
-    from medunet.data.planning import fingerprint_dataset, single_object_classes
-    from medunet.engines import run_bundle_workflow
-
-    data = phantom_dir(workdir, cases)
-    if not (data / "dataset.json").exists():
-        generate_dataset("ct", data, cases=cases + 1, seed=0, size=PHANTOM_SHAPE)
-    run = run_dir(workdir, cases)
-    budget = seconds + (trained_seconds(run / 'eval') if resume else 0.0)
-    single = single_object_classes(fingerprint_dataset(data), plan.labels)
-    log(f"training bundles/ct on {cases} phantoms for {seconds:.0f}s (budget {budget:.0f}s in all); "
-        f"largest component only: {single}")
-    wf = run_bundle_workflow(REPO / "bundles" / "ct", "train", {
-        "dataset_dir": str(data), "output_dir": str(run / "eval"), "ckpt_dir": str(run / "models"),
-        "plan_overrides": {**bench_overrides(plan), "largest_component": single}, "time_budget": budget,
-        "n_folds": cases + 1, "resume": resume, "mlflow": False, "progress_bar": False,
-    })
-    del wf
-    log(f"trained weights {run / 'models' / 'model.pt'}: {trained_seconds(run / 'eval'):.0f} s of training in all")
-    return run / "models" / "model.pt"
-
-
-def phantom_dir(workdir: Path, cases: int) -> Path:
-    """The training phantoms (``cases`` for training, one more for the bundle's validation fold)."""
-    return workdir / f"phantoms_{cases}"
-
-
-def run_dir(workdir: Path, cases: int) -> Path:
-    """The cached bundle run trained on ``cases`` phantoms."""
-    return workdir / f"bundle_run_{cases}"
-
-
-def bench_overrides(plan: Plan) -> dict:
-    """What the bench changes in the bundle's plan (a trained run fits the bench when these match)."""
-    return {k: v for k, v in plan.to_dict().items() if k in ("target_spacing", "patch_size", "batch_size")}
-
-
-def trained_run(workdir: Path, plan: Plan, cases: int) -> Path | None:
-    """The cached bundle run's ``models/model.pt`` when it was trained with the bench's plan, else None."""
-    model = run_dir(workdir, cases) / "models" / "model.pt"
-    if not model.is_file() or not (model.parent / "plan.json").is_file():
-        return None
-    trained = Plan.load(model.parent / "plan.json").to_dict()
-    return model if all(trained.get(k) == v for k, v in bench_overrides(plan).items()) else None
-
-
 def phantom_case(args, workdir: Path, log) -> tuple[Path, ImageData, np.ndarray, Plan]:
     """The benchmark phantom, and weights trained for its plan (cached in ``workdir``; trained when
     missing): ``(checkpoint, image, ground truth, plan)``."""
@@ -159,14 +105,16 @@ def phantom_case(args, workdir: Path, log) -> tuple[Path, ImageData, np.ndarray,
     if cached is not None and args.continue_training:
         log(f"continuing the training of {cached} ({trained_seconds(run / 'eval'):.0f} s so far) for "
             f"{args.train_seconds:.0f}s")
-        ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log, resume=True)
+        ckpt = train_bench_network(REPO / "bundles" / "ct", plan, workdir, args.train_seconds, args.train_cases,
+                                   PHANTOM_SHAPE, log, resume=True)
     elif cached is not None:
         ckpt = cached
         log(f"using trained weights {ckpt} ({trained_seconds(run / 'eval'):.0f} s of training)")
     else:
         log(f"no trained run for this plan in {workdir}: training the bundles/ct network for "
             f"{args.train_seconds:.0f}s")
-        ckpt = train(plan, workdir, args.train_seconds, args.train_cases, log)
+        ckpt = train_bench_network(REPO / "bundles" / "ct", plan, workdir, args.train_seconds, args.train_cases,
+                                   PHANTOM_SHAPE, log)
     path = workdir / "bench_ct.nii.gz"
     write_nifti(case.image, case.affine, path, dtype=np.int16)
     image = ImageData(array=np.asarray(case.image, dtype=np.float32), affine=np.asarray(case.affine), path=str(path))
