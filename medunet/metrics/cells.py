@@ -77,6 +77,12 @@ def cell_segments(label, connectivity: int = 1) -> np.ndarray:
     return out
 
 
+def _contingency(g: np.ndarray, p: np.ndarray) -> sparse.coo_matrix:
+    """Overlap counts ``[i, j]`` = pixels in reference segment ``g == i`` and proposed segment ``p == j``
+    (non-negative integer ids, same length)."""
+    return sparse.coo_matrix((np.ones(g.size), (g, p)), shape=(int(g.max(initial=-1)) + 1, int(p.max(initial=-1)) + 1))
+
+
 def adapted_rand(pred_segments, true_segments, predicted_background: str = "segment") -> tuple[float, float, float]:
     """Adapted Rand error of two segmentations (instance maps, 0 = background, same shape).
 
@@ -106,8 +112,7 @@ def adapted_rand(pred_segments, true_segments, predicted_background: str = "segm
         singles = float(np.count_nonzero(p == 0))
         g, p = g[p > 0], p[p > 0]
     _, p = np.unique(p, return_inverse=True)
-    table = sparse.coo_matrix((np.ones(p.size), (g, p)), shape=(int(g.max(initial=-1)) + 1,
-                                                                 int(p.max(initial=-1)) + 1)).tocsr()
+    table = _contingency(g, p).tocsr()
     sum_ij = float(np.sum(table.data.astype(np.float64) ** 2)) + singles
     sum_pred = float(np.sum(np.asarray(table.sum(axis=0), dtype=np.float64) ** 2)) + singles
     precision = sum_ij / sum_pred if sum_pred else 1.0
@@ -206,7 +211,7 @@ def _pair_counts(true_segments: np.ndarray, proposed_segments: np.ndarray) -> tu
     g, p = true_segments[scored].astype(np.int64), proposed_segments[scored].astype(np.int64)
     if g.size == 0:
         return 0.0, 0.0, 0.0
-    table = sparse.coo_matrix((np.ones(g.size), (g, p)), shape=(int(g.max()) + 1, int(p.max(initial=0)) + 1)).tocsc()
+    table = _contingency(g, p).tocsc()
     a = np.asarray(table.sum(axis=1), dtype=np.float64).ravel()  # all of a reference segment's pixels
     inside = table[:, 1:]  # proposed background is no segment
     b = np.asarray(inside.sum(axis=0), dtype=np.float64).ravel()
